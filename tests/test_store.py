@@ -1,0 +1,111 @@
+import os
+import sqlite3
+import stat
+
+import pytest
+import sqlite_utils
+
+from appliance.errors import StoreError
+from appliance.store import MIGRATIONS, Store, Writer
+
+
+def test_new_database_is_migrated_private_and_in_wal(tmp_path):
+    path = tmp_path / "a.db"
+    store = Store(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    db = sqlite_utils.Database(path)
+    assert {"models", "prompts", "runs", "generations", "generations_fts", "_migrations"} <= set(db.table_names())
+    assert [r["version"] for r in db["_migrations"].rows] == [m[0] for m in MIGRATIONS]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    Store(path).close()  # opening again applies nothing twice
+    assert db["_migrations"].count == len(MIGRATIONS)
+
+
+def test_writer_is_idempotent_and_feeds_full_text_search(tmp_path):
+    store = Store(tmp_path / "a.db")
+    run_id = store.start_run(kind="generate", requested=2, params={"t": 1})
+    row = {
+        "run_id": run_id, "item_key": "k1", "item_index": 0, "prompt_id": None, "rendered_prompt": "p",
+        "output": "the quick brown fox", "seed": 1, "tokens_in": 1, "tokens_out": 4, "ms": 5,
+        "finish_reason": "length", "parallel": 1, "created_at": "now",
+    }
+    writer = Writer(store.path)
+    writer.put(row)
+    writer.put(dict(row))  # a resumed run writing the same item again
+    writer.put({**row, "item_key": "k2", "item_index": 1, "output": "lazy dogs sleep"})
+    stats = writer.close()
+    db = sqlite_utils.Database(store.path)
+    assert db["generations"].count == 2
+    assert stats.rows == 3
+    hits = db.execute("SELECT rowid FROM generations_fts WHERE generations_fts MATCH 'dog'").fetchall()
+    assert len(hits) == 1  # porter stemming: "dog" finds "dogs"
+
+
+def test_writer_reports_errors_to_the_producer(tmp_path):
+    store = Store(tmp_path / "a.db")
+    writer = Writer(store.path)
+    writer.put({"run_id": 999, "item_key": "x"})  # violates NOT NULL / foreign key
+    with pytest.raises(StoreError):
+        writer.close()
+
+
+def test_not_sqlite_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_text("my precious notes\n")
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        Store(path)
+    assert path.read_text() == "my precious notes\n"
+
+
+def test_directory_and_missing_folder(tmp_path):
+    with pytest.raises(StoreError, match="is a directory"):
+        Store(tmp_path)
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(tmp_path / "nope" / "a.db")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_database_is_refused_for_writes(tmp_path):
+    path = tmp_path / "a.db"
+    Store(path).close()
+    path.chmod(0o400)
+    with pytest.raises(StoreError, match="read-only"):
+        Store(path)
+
+
+def test_read_only_database_is_refused_even_for_root(tmp_path, monkeypatch):
+    """Root can write any file, so simulate a read-only file the way SQLite would see it."""
+    path = tmp_path / "a.db"
+    Store(path).close()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(path) and mode == os.W_OK else real_access(p, mode))
+    with pytest.raises(StoreError, match="read-only"):
+        Store(path)
+
+
+def test_backup_is_a_consistent_private_copy(tmp_path):
+    store = Store(tmp_path / "a.db")
+    store.start_run(kind="generate", requested=1)
+    target = tmp_path / "backup.db"
+    store.backup(target)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert sqlite_utils.Database(target)["runs"].count == 1
+    with pytest.raises(StoreError, match="already exists"):
+        store.backup(target)
+
+
+def test_readonly_open_of_missing_database(tmp_path):
+    with pytest.raises(StoreError, match="no database"):
+        Store(tmp_path / "missing.db", readonly=True)
+
+
+def test_truncated_sqlite_header_is_refused(tmp_path):
+    path = tmp_path / "a.db"
+    Store(path).close()
+    data = path.read_bytes()
+    path.write_bytes(data[:100])
+    with pytest.raises(StoreError):
+        Store(path)
+    with pytest.raises(sqlite3.DatabaseError):
+        sqlite3.connect(path).execute("SELECT * FROM runs").fetchall()
