@@ -134,7 +134,8 @@ class Engine:
         _install_log_capture()
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = int(plan.n_gpu_layers)
+        for key, value in plan.model_params().items():
+            setattr(mparams, key, value)
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self.model:
             detail = _last_error_line()
@@ -142,17 +143,10 @@ class Engine:
                 f"llama.cpp could not load {model_path}" + (f": {detail}" if detail else "")
                 + " (check the file with `appliance models inspect`, or try a smaller --gpu-layers)"
             )
-        self.n_seq_max = int(plan.n_parallel) + 1  # + the holder of the shared prefix
-        self.holder = int(plan.n_parallel)
+        self.holder = int(plan.n_parallel)  # the extra sequence (plan.n_seq_max = n_parallel + 1) holding the prefix
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = int(plan.n_ctx)
-        cparams.n_batch = int(plan.n_batch)
-        cparams.n_ubatch = int(plan.n_ubatch)
-        cparams.n_seq_max = self.n_seq_max
-        cparams.n_threads = cparams.n_threads_batch = int(plan.n_threads)
-        cparams.kv_unified = True
-        cparams.swa_full = bool(getattr(plan, "swa_full", False))
-        cparams.flash_attn_type = 0 if int(plan.n_gpu_layers) == 0 else -1  # FA was slower on CPU (DESIGN §4)
+        for key, value in plan.context_params().items():
+            setattr(cparams, key, value)
         cparams.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -417,40 +411,65 @@ class Engine:
         self.close()
 
 
-def count_prompt_tokens(model_path: str | Path, prompts: Sequence[str]) -> tuple[int, int]:
-    """(shared prefix tokens, longest per-prompt remainder) for these prompts, loading only the vocabulary:
-    what the planner needs to size the context before the weights are loaded."""
-    import llama_cpp
+class Vocab:
+    """A model's tokenizer without its weights (llama.cpp's vocab_only load): for counting tokens
+    before the planner decides how the model is loaded."""
 
-    _install_log_capture()
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-    if not model:
-        detail = _last_error_line()
-        raise GenerationError(f"llama.cpp could not read the vocabulary of {model_path}" + (f": {detail}" if detail else ""))
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(model)
-        toks = [_tokenize(vocab, text) for text in prompts]
-    finally:
-        llama_cpp.llama_model_free(model)
+    def __init__(self, model_path: str | Path) -> None:
+        import llama_cpp
+
+        self._ll = llama_cpp
+        _install_log_capture()
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.vocab_only = True
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self.model:
+            detail = _last_error_line()
+            raise GenerationError(f"llama.cpp could not read the vocabulary of {model_path}" + (f": {detail}" if detail else ""))
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+
+    def tokenize(self, text: str) -> list[int]:
+        return _tokenize(self.vocab, text)
+
+    def count(self, text: str) -> int:
+        """Tokens in `text` as a continuation (no BOS)."""
+        return len(_tokenize(self.vocab, text, add_special=False))
+
+    def close(self) -> None:
+        if self.model:
+            self._ll.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "Vocab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def count_prompt_tokens(model_path: str | Path, prompts: Sequence[str]) -> tuple[int, int]:
+    """(shared prefix tokens, longest per-prompt remainder) for these prompts: what the planner needs
+    to size the context."""
+    with Vocab(model_path) as vocab:
+        toks = [vocab.tokenize(text) for text in prompts]
     prefix = _common_prefix(toks)
     return prefix, max(len(t) for t in toks) - prefix
 
 
-def _tokenize(vocab: Any, text: str) -> list[int]:
-    """Tokens of `text` with the model's BOS, special tokens parsed (prompt files may use them)."""
+def _tokenize(vocab: Any, text: str, add_special: bool = True) -> list[int]:
+    """Tokens of `text` (with the model's BOS unless add_special is False), special tokens parsed
+    (prompt files may use them)."""
     import llama_cpp
 
     data = text.encode("utf-8")
     n_max = len(data) + 16
     buf = (llama_cpp.llama_token * n_max)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, True, True)
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, True)
     if n < 0:
         n_max = -n
         buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, True, True)
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, True)
     return list(buf[:n])
 
 

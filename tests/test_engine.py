@@ -4,12 +4,13 @@ grammar-constrained JSON, isolation between sequences, and refusal/retry on a fu
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import pytest
 
 from appliance.engine import Engine, Request, SamplingParams
 from appliance.errors import GenerationError
+from appliance.gguf_reader import read_gguf
+from appliance.hardware import detect_hardware
+from appliance.planner import Plan, make_plan
 from appliance.schema import load_json_schema
 
 WORDS = ["apple", "river", "candle", "tiger", "violin", "pepper", "rocket", "garden"]
@@ -21,8 +22,10 @@ FEWSHOT = (
 )
 
 
-def plan(n_parallel: int, n_ctx: int = 2048) -> SimpleNamespace:
-    return SimpleNamespace(n_gpu_layers=0, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=2, swa_full=False)
+def plan(n_parallel: int, n_ctx: int = 2048) -> Plan:
+    from appliance.models import demo_model_path
+
+    return make_plan(read_gguf(demo_model_path()), detect_hardware(), n_ctx=n_ctx, n_parallel=n_parallel, n_gpu_layers=0).require()
 
 
 @pytest.fixture(scope="module")

