@@ -1,0 +1,242 @@
+"""Export formats read back, leak-free deterministic splits, and the dataset card."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from appliance.export import (
+    FORMATS,
+    Example,
+    ExportError,
+    dataset_card,
+    parse_split_spec,
+    split_examples,
+    to_record,
+    write_jsonl,
+)
+
+WITH_SYSTEM = Example(
+    id="ex1",
+    instruction="Classify the intent.",
+    input="turn the kitchen lights on",
+    output="lights_on",
+    system="You are a smart-home assistant.",
+    label="lights_on",
+    meta={"run": 3},
+)
+PLAIN = Example(id="ex2", instruction="Write the crowd's reply.", output="Speak, speak.", group="chunk-1")
+
+
+def test_records_in_each_format() -> None:
+    assert to_record(WITH_SYSTEM, "openai") == {
+        "messages": [
+            {"role": "system", "content": "You are a smart-home assistant."},
+            {"role": "user", "content": "Classify the intent.\n\nturn the kitchen lights on"},
+            {"role": "assistant", "content": "lights_on"},
+        ]
+    }
+    assert to_record(PLAIN, "openai")["messages"][0] == {"role": "user", "content": "Write the crowd's reply."}
+    assert to_record(WITH_SYSTEM, "sharegpt")["conversations"] == [
+        {"from": "system", "value": "You are a smart-home assistant."},
+        {"from": "human", "value": "Classify the intent.\n\nturn the kitchen lights on"},
+        {"from": "gpt", "value": "lights_on"},
+    ]
+    assert to_record(PLAIN, "alpaca") == {
+        "instruction": "Write the crowd's reply.",
+        "input": "",
+        "output": "Speak, speak.",
+    }
+    assert to_record(WITH_SYSTEM, "alpaca")["system"] == "You are a smart-home assistant."
+    assert Example.model_validate(to_record(WITH_SYSTEM, "jsonl")) == WITH_SYSTEM
+    with pytest.raises(ExportError, match="^unknown format 'csv' \\(choose from openai, sharegpt, alpaca, jsonl\\)$"):
+        to_record(PLAIN, "csv")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_write_and_read_back(tmp_path: Path, fmt: str) -> None:
+    examples = [
+        WITH_SYSTEM,
+        PLAIN,
+        PLAIN.model_copy(update={"id": "ex3", "output": "Ünïcödé — “quotes”\nand a newline"}),
+    ]
+    path = tmp_path / f"data.{fmt}.jsonl"
+    assert write_jsonl(path, examples, fmt) == 3
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3 and records == [to_record(ex, fmt) for ex in examples]
+    assert "Ünïcödé" in lines[2]  # written as UTF-8, not \\u escapes
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_write_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="^cannot write .*nowhere/data.jsonl: No such file or directory$"):
+        write_jsonl(tmp_path / "nowhere" / "data.jsonl", [PLAIN], "openai")
+    with pytest.raises(ExportError, match="unknown format"):
+        write_jsonl(tmp_path / "data.jsonl", [PLAIN], "yaml")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_split_spec() -> None:
+    assert parse_split_spec("train=0.9,test=0.1") == {"train": 0.9, "test": 0.1}
+    assert parse_split_spec(" train = 0.8 , validation=0.1, test=0.1 ") == {
+        "train": 0.8,
+        "validation": 0.1,
+        "test": 0.1,
+    }
+    assert parse_split_spec("all=1") == {"all": 1.0}
+    bad = {
+        "train=0.9,test=0.05": "split ratios add up to 0.95, not 1",
+        "train=0.9,test": "split 'test' is not NAME=RATIO (e.g. train=0.9,test=0.1)",
+        "train=0.9,my-test=0.1": "split name 'my-test' is not an identifier (letters, digits, underscores)",
+        "train=0.5,train=0.5": "split 'train' is named twice",
+        "train=ninety": "split train: ratio 'ninety' is not a number",
+        "train=1.5,test=-0.5": "split train: ratio must be above 0 and at most 1, got 1.5",
+        "": "split '' is not NAME=RATIO (e.g. train=0.9,test=0.1)",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(ExportError) as err:
+            parse_split_spec(spec)
+        assert str(err.value) == message
+
+
+WORDS = (
+    "river bread lamp window garden horse winter letter market candle mountain harbor violin ladder "
+    "pepper kettle meadow anchor blanket copper forest island jacket lemon mirror needle orchard "
+    "pillow quarry saddle thunder tunnel valley wagon yarn zebra basket cellar desert engine feather"
+).split()
+
+
+def _sentence(rng: random.Random, n: int = 14) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _dataset(n: int = 120, seed: int = 5) -> list[Example]:
+    """Unique examples, some sharing a group, some near-duplicate pairs, three unbalanced labels."""
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        label = ["common", "common", "common", "mid", "rare"][i % 5]
+        group = f"chunk-{i // 4}" if i < 40 else None
+        examples.append(
+            Example(id=f"e{i:03d}", instruction=f"Say something {i}.", output=_sentence(rng), group=group, label=label)
+        )
+    for i in range(60, min(n, 80)):  # near duplicates of earlier, ungrouped examples: one word added
+        source = examples[i - 15]
+        update = {"instruction": source.instruction, "output": source.output + " glacier", "label": source.label}
+        examples[i] = examples[i].model_copy(update=update)
+    return examples
+
+
+def _split_of(splits: dict[str, list[Example]]) -> dict[str, str]:
+    return {ex.id: name for name, split in splits.items() for ex in split}
+
+
+def test_split_is_deterministic_and_independent_of_input_order() -> None:
+    examples = _dataset()
+    ratios = parse_split_spec("train=0.8,validation=0.1,test=0.1")
+    first = split_examples(examples, ratios, seed=1)
+    shuffled = examples[:]
+    random.Random(99).shuffle(shuffled)
+    again = split_examples(shuffled, ratios, seed=1)
+    assert {k: [ex.id for ex in v] for k, v in first.items()} == {k: [ex.id for ex in v] for k, v in again.items()}
+    assert sorted(ex.id for split in first.values() for ex in split) == sorted(ex.id for ex in examples)
+    other = split_examples(examples, ratios, seed=2)
+    assert _split_of(other) != _split_of(first)
+    counts = {name: len(split) for name, split in first.items()}
+    assert abs(counts["train"] - 96) <= 4 and abs(counts["test"] - 12) <= 4, counts
+
+
+def test_no_group_and_no_near_duplicate_crosses_splits() -> None:
+    examples = _dataset()
+    where = _split_of(split_examples(examples, parse_split_spec("train=0.5,test=0.5"), seed=3))
+    groups: dict[str, set[str]] = {}
+    for ex in examples:
+        if ex.group:
+            groups.setdefault(ex.group, set()).add(where[ex.id])
+    assert groups and all(len(splits) == 1 for splits in groups.values())
+    for i in range(60, 80):
+        assert where[f"e{i:03d}"] == where[f"e{i - 15:03d}"]
+
+
+def test_exact_duplicates_with_different_punctuation_stay_together() -> None:
+    a = Example(id="a", instruction="Reply.", output="Speak, speak!")
+    b = Example(id="b", instruction="reply", output="speak speak")
+    others = [Example(id=f"x{i}", instruction=f"Task {i}", output=_sentence(random.Random(i))) for i in range(10)]
+    where = _split_of(split_examples([a, b, *others], {"train": 0.5, "test": 0.5}, seed=0))
+    assert where["a"] == where["b"]
+
+
+def test_stratified_split_matches_label_proportions() -> None:
+    examples = _dataset(n=200, seed=11)
+    splits = split_examples(examples, parse_split_spec("train=0.75,test=0.25"), seed=4)
+    overall = Counter(ex.label for ex in examples)
+    for name, ratio in (("train", 0.75), ("test", 0.25)):
+        labels = Counter(ex.label for ex in splits[name])
+        for label, total in overall.items():
+            assert abs(labels[label] - ratio * total) <= 4, (name, label, labels[label], ratio * total)
+
+
+def test_every_split_gets_an_example_when_there_are_enough_groups() -> None:
+    examples = [
+        Example(id=str(i), instruction=f"Task {i}", output=_sentence(random.Random(i)), label="only") for i in range(5)
+    ]
+    splits = split_examples(examples, parse_split_spec("train=0.9,validation=0.05,test=0.05"), seed=0)
+    assert all(splits.values()) and sum(map(len, splits.values())) == 5
+    one = split_examples(examples[:1], {"train": 0.9, "test": 0.1})
+    assert len(one["train"]) + len(one["test"]) == 1
+    assert split_examples([], {"train": 0.9, "test": 0.1}) == {"train": [], "test": []}
+
+
+def test_split_refuses_duplicate_ids_and_bad_ratios() -> None:
+    with pytest.raises(ExportError, match="example id 'ex2' appears more than once"):
+        split_examples([PLAIN, PLAIN], {"train": 1.0})
+    with pytest.raises(ExportError, match="add up to 0.9, not 1"):
+        split_examples([PLAIN], {"train": 0.9})
+
+
+def test_task_data_with_one_shared_instruction_is_not_one_big_cluster() -> None:
+    instruction = (
+        "Classify the intent of this smart-home command. Answer with one label: lights_on, lights_off, heat_up."
+    )
+    rng = random.Random(0)
+    examples = [
+        Example(id=f"t{i}", instruction=instruction, input=_sentence(rng, 6), output="lights_on", label="lights_on")
+        for i in range(20)
+    ]
+    splits = split_examples(examples, {"train": 0.5, "test": 0.5})
+    assert len(splits["train"]) == len(splits["test"]) == 10
+
+
+def test_dataset_card_shows_counts_lengths_drops_and_plain_text_examples() -> None:
+    examples = _dataset(n=40)
+    splits = split_examples(examples, parse_split_spec("train=0.8,test=0.2"), seed=0)
+    card = dataset_card(
+        "coriolanus-instructions", splits, {"echo": 7, "duplicate": 2, "json": 0}, "openai", {"seed": 0}
+    )
+    assert card.startswith("# coriolanus-instructions\n")
+    assert "- format: `openai`" in card and "- seed: 0" in card and "- examples: 40" in card
+    assert f"| train | {len(splits['train'])} |" in card and f"| test | {len(splits['test'])} |" in card
+    label_counts = Counter(ex.label for ex in examples)
+    assert f"| common | {sum(ex.label == 'common' for ex in splits['train'])} |" in card
+    assert f"| {label_counts['rare']} |" in card
+    assert "| instruction | 3 | 3 | 3.0 | 3 |" in card and "| output | 14 | 14 | 14.0 | 14 |" in card
+    assert "| echo | 7 |\n| duplicate | 2 |" in card and "| json |" not in card
+    assert card.count("### Example ") == 3
+    first = splits["train"][0]
+    assert f"**Instruction**\n\n```text\n{first.instruction}\n```" in card
+    assert f"**Output**\n\n```text\n{first.output}\n```" in card
+    assert '"messages"' not in card and "{" not in card
+
+
+def test_dataset_card_fences_survive_backticks_and_nothing_dropped() -> None:
+    code = Example(id="c", instruction="Show a code block.", output="```python\nprint('hi')\n```")
+    card = dataset_card("code", {"train": [code]}, {}, "alpaca")
+    assert "````text\n```python\nprint('hi')\n```\n````" in card
+    assert "Nothing was dropped." in card
+    empty = dataset_card("empty", {"train": [], "test": []}, {}, "jsonl")
+    assert "No examples." in empty and "| train | 0 | - | 0 |" in empty
