@@ -146,8 +146,87 @@ def _m001_core(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_datasets(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE sources (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL,
+            record INTEGER,                    -- line number for .jsonl sources
+            title TEXT,
+            sha256 TEXT NOT NULL,
+            n_chars INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (path, record, sha256)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY,
+            source_id INTEGER NOT NULL REFERENCES sources(id),
+            chunk_index INTEGER NOT NULL,
+            max_tokens INTEGER NOT NULL,       -- the chunking setting that produced it
+            start INTEGER NOT NULL,            -- character offsets into the source text
+            "end" INTEGER NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            UNIQUE (source_id, max_tokens, chunk_index)
+        )"""
+    )
+    db.execute("ALTER TABLE generations ADD COLUMN chunk_id INTEGER REFERENCES chunks(id)")
+    db.execute("ALTER TABLE generations ADD COLUMN variables_json TEXT")
+    db.execute("ALTER TABLE runs ADD COLUMN name TEXT")
+    db.execute("ALTER TABLE runs ADD COLUMN recipe_sha256 TEXT")
+    db.execute(
+        """
+        CREATE TABLE verdicts (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            generation_id INTEGER NOT NULL REFERENCES generations(id),
+            filter TEXT NOT NULL,
+            passed INTEGER NOT NULL,
+            score REAL,
+            reason TEXT NOT NULL,
+            UNIQUE (generation_id, filter)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE examples (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            generation_id INTEGER NOT NULL UNIQUE REFERENCES generations(id),
+            chunk_id INTEGER REFERENCES chunks(id),
+            instruction TEXT NOT NULL,
+            input TEXT NOT NULL DEFAULT '',
+            output TEXT NOT NULL,
+            system TEXT,
+            label TEXT,
+            group_key TEXT,
+            kept INTEGER NOT NULL,             -- 1 when every filter passed
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE run_events (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            level TEXT NOT NULL,               -- info | warning | error
+            message TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX verdicts_run ON verdicts(run_id, filter, passed)")
+    db.execute("CREATE INDEX examples_run ON examples(run_id, kept)")
+    db.execute("CREATE INDEX runs_recipe ON runs(recipe_sha256)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
+    (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
 ]
 
 
@@ -296,6 +375,10 @@ class Store:
 
     def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
         self.update("runs", run_id, {"status": status, "error": error, "ended_at": utcnow()})
+
+    def event(self, run_id: int, level: str, message: str) -> None:
+        """Record something a run met on its way (a skipped file, a decode retry) for `runs` to show."""
+        self.insert("run_events", {"run_id": run_id, "level": level, "message": message, "created_at": utcnow()})
 
     def backup(self, target: Path) -> None:
         if target.exists():

@@ -1,0 +1,410 @@
+"""Dataset recipes: build a run's items, generate them (resumable), filter, and keep examples with lineage.
+
+Three kinds sit on the spectrum of DESIGN §5:
+- synthetic: the prompt is rendered over combinations of the recipe's axes; each output is an example
+  (instruction = the recipe's `instruction` template over the axes, output = the model's text);
+- annotated: sources are cut into chunks; the model writes the instruction that could have produced
+  each chunk; the example is instruction -> the ORIGINAL chunk, guarded against echoing instructions;
+- augmented: each chunk is worked into a prompt that yields a grounded question and answer; the
+  example is question (+ the chunk as input) -> answer, checked for grounding in its chunk.
+
+Filters run over all of a run's generations after generation, in item order, and replace the run's
+verdicts and examples in one transaction, so a resumed run ends with the same result as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2.sandbox
+
+from .engine import SamplingParams, Vocab
+from .errors import ApplianceError
+from .generate import sampling_for
+from .models import ModelRecord, Registry
+from .prompts import PromptFile, load_prompt
+from .quality import EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty, echo_metrics, summarize_echo
+from .recipe import LoadedRecipe, Recipe
+from .runner import Execution, Item, done_indexes, execute, item_seeds, plan_items
+from .schema import load_json_schema
+from .sources import chunk_text, read_sources
+from .store import Store, insert_row, to_json, utcnow
+
+PASSAGE_VAR = "passage"
+
+
+class ResumeError(ApplianceError):
+    """A run cannot be continued as asked."""
+
+
+# --------------------------------------------------------------------------------------------- items
+
+
+def _axis_combinations(axes: dict[str, list[Any]], count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` assignments of the axes: every combination once (shuffled by the seed) before any repeats."""
+    if not axes:
+        return [{} for _ in range(count)]
+    names = sorted(axes)
+    combos = [dict(zip(names, values)) for values in itertools.product(*(axes[n] for n in names))]
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    while len(out) < count:
+        batch = combos[:]
+        rng.shuffle(batch)
+        out.extend(batch)
+    return out[:count]
+
+
+def ingest_chunks(store: Store, loaded: LoadedRecipe, vocab: Vocab) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Read the recipe's sources into the store and cut them into chunks (real model tokens).
+    Returns the chunk rows in source order and the files skipped with their reasons."""
+    recipe = loaded.recipe
+    docs, skipped = read_sources([loaded.resolve(s) for s in recipe.sources], jsonl_field=recipe.jsonl_field)
+    chunks: list[dict[str, Any]] = []
+    for doc in docs:
+        with store.transaction() as conn:
+            row = conn.execute(
+                "SELECT id FROM sources WHERE path = ? AND record IS ? AND sha256 = ?", [doc.path, doc.record, doc.sha256]
+            ).fetchone()
+            source_id = row[0] if row else insert_row(conn, "sources", {
+                "path": doc.path, "record": doc.record, "title": doc.title, "sha256": doc.sha256,
+                "n_chars": doc.n_chars, "text": doc.text, "created_at": utcnow(),
+            })
+            existing = conn.execute(
+                'SELECT id, chunk_index, text, start, "end", n_tokens FROM chunks WHERE source_id = ? AND max_tokens = ? ORDER BY chunk_index',
+                [source_id, recipe.chunking.max_tokens],
+            ).fetchall()
+            if existing:
+                chunks += [dict(zip(("id", "chunk_index", "text", "start", "end", "n_tokens"), r), source_id=source_id) for r in existing]
+                continue
+            for c in chunk_text(doc.text, recipe.chunking.max_tokens, recipe.chunking.min_tokens, vocab.count):
+                row = {"source_id": source_id, "chunk_index": c.index, "max_tokens": recipe.chunking.max_tokens,
+                       "start": c.start, "end": c.end, "n_tokens": c.n_tokens, "text": c.text}
+                chunks.append({**row, "id": insert_row(conn, "chunks", row)})
+    return chunks, skipped
+
+
+def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str, Any]]) -> list[Item]:
+    """The run's items, fully determined by the recipe (and its sources): the same recipe gives the same
+    items, which is what lets a run resume."""
+    recipe = loaded.recipe
+    if recipe.kind == "synthetic":
+        assignments = _axis_combinations(recipe.axes, recipe.count or 0, recipe.seed)
+        chunk_ids: list[int | None] = [None] * len(assignments)
+    else:
+        chosen = chunks[: recipe.count] if recipe.count else chunks
+        assignments = [{PASSAGE_VAR: c["text"]} for c in chosen]
+        chunk_ids = [c["id"] for c in chosen]
+    items = []
+    for index, (values, seed, chunk_id) in enumerate(zip(assignments, item_seeds(recipe.seed, len(assignments)), chunk_ids)):
+        variables = {**prompt.values_for_item(recipe.vars, seed), **values}
+        items.append(Item(index=index, seed=seed, prompt=prompt.render(variables), variables=variables, chunk_id=chunk_id))
+    return items
+
+
+# ------------------------------------------------------------------------------------------- filters
+
+
+@dataclass
+class Candidate:
+    generation_id: int
+    item_index: int
+    instruction: str
+    input: str
+    output: str
+    chunk_id: int | None
+    verdicts: list[Verdict] = field(default_factory=list)
+    echo: dict[str, Any] | None = None
+
+    @property
+    def kept(self) -> bool:
+        return all(v.passed for v in self.verdicts)
+
+
+_QA = re.compile(r"^\s*(?P<q>.+?)\s*\n+\s*Answer:\s*(?P<a>.+?)\s*$", re.S)
+
+
+def parse_qa(text: str) -> tuple[str, str] | None:
+    """Question and answer from an augmented output: JSON {"question", "answer"} or text "...\\nAnswer: ..."."""
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("question"), str) and isinstance(data.get("answer"), str):
+            return data["question"].strip(), data["answer"].strip()
+    except json.JSONDecodeError:
+        pass
+    m = _QA.match(text)
+    return (m["q"].removeprefix("Question:").strip(), m["a"].strip()) if m else None
+
+
+def judge(recipe: Recipe, gens: list[dict[str, Any]], chunks: dict[int, str], schema: dict | None) -> list[Candidate]:
+    """Every filter's verdict for every generation, in item order."""
+    f = recipe.filters
+    guard = EchoGuard(max_length_ratio=f.echo_max_length_ratio, max_ngram_overlap=f.echo_max_ngram_overlap, max_shared_run=f.echo_max_shared_run)
+    dedup = NearDuplicateIndex(threshold=f.near_duplicate_threshold) if f.near_duplicate_threshold else None
+    instruction_template = _ENV.from_string(recipe.instruction) if recipe.instruction else None
+    out: list[Candidate] = []
+    for g in gens:
+        text = g["output"].strip()
+        chunk = chunks.get(g["chunk_id"]) if g["chunk_id"] else None
+        variables = json.loads(g["variables_json"] or "{}")
+        if recipe.kind == "synthetic":
+            instruction = instruction_template.render(**variables) if instruction_template else _describe(variables)
+            cand = Candidate(g["id"], g["item_index"], instruction, "", text, None)
+            checked = text
+        elif recipe.kind == "annotated":
+            cand = Candidate(g["id"], g["item_index"], text, "", (chunk or "").strip(), g["chunk_id"])
+            checked = text
+        else:
+            qa = parse_qa(text)
+            question, answer = qa if qa else ("", "")
+            cand = Candidate(g["id"], g["item_index"], question, (chunk or "").strip(), answer, g["chunk_id"])
+            checked = answer
+            cand.verdicts.append(Verdict(filter="parse", passed=qa is not None,
+                                         reason="question and answer found" if qa else "no 'Answer:' after the question"))
+        cand.verdicts.append(check_not_empty(text, g["finish_reason"], allow_truncated=f.allow_truncated))
+        if f.min_words is not None or f.max_words is not None:
+            cand.verdicts.append(check_length(checked, min_words=f.min_words, max_words=f.max_words))
+        if schema is not None:
+            cand.verdicts.append(check_json(text, schema))
+        if recipe.kind == "annotated" and text:
+            metrics = echo_metrics(cand.instruction, cand.output)
+            cand.echo = metrics.model_dump()
+            cand.verdicts.append(guard.judge(metrics))
+        if recipe.kind == "augmented" and answer:
+            cand.verdicts.append(check_grounded(answer, chunk or "", min_score=f.grounding_min_score))
+        if dedup is not None and cand.kept:
+            cand.verdicts.append(dedup.check(str(g["item_index"] + 1), f"{cand.instruction}\n{cand.output}"))
+        out.append(cand)
+    return out
+
+
+_ENV = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def _describe(variables: dict[str, Any]) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in sorted(variables.items()))
+
+
+def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[Candidate]) -> None:
+    """Replace the run's verdicts and examples in one transaction."""
+    with store.transaction() as conn:
+        conn.execute("DELETE FROM verdicts WHERE run_id = ?", [run_id])
+        conn.execute("DELETE FROM examples WHERE run_id = ?", [run_id])
+        for c in candidates:
+            for v in c.verdicts:
+                insert_row(conn, "verdicts", {"run_id": run_id, "generation_id": c.generation_id, "filter": v.filter,
+                                              "passed": int(v.passed), "score": v.score, "reason": v.reason})
+            insert_row(conn, "examples", {
+                "run_id": run_id, "generation_id": c.generation_id, "chunk_id": c.chunk_id,
+                "instruction": c.instruction, "input": c.input, "output": c.output, "system": recipe.system,
+                "label": None, "group_key": f"chunk:{c.chunk_id}" if c.chunk_id else f"item:{c.item_index}",
+                "kept": int(c.kept), "created_at": utcnow(),
+            })
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    status: str
+    requested: int
+    generated: int
+    kept: int
+    dropped: dict[str, int]
+    first_reasons: dict[str, str]
+    echo: dict[str, Any] | None
+    skipped_sources: list[tuple[str, str]]
+    execution: Execution | None = None
+    resumed: bool = False
+
+    def why_nothing(self) -> str:
+        if self.kept or not self.generated:
+            return ""
+        parts = [f"{n} by {name} (e.g. {self.first_reasons[name]})" for name, n in sorted(self.dropped.items(), key=lambda kv: -kv[1])]
+        return "kept nothing: dropped " + "; ".join(parts)
+
+
+def summarize(store: Store, run_id: int) -> RunSummary:
+    run = store.rows("SELECT * FROM runs WHERE id = ?", [run_id])
+    if not run:
+        raise ApplianceError(f"no run {run_id} (see `appliance runs`)")
+    run = run[0]
+    generated = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?", [run_id])[0]["n"]
+    kept = store.rows("SELECT count(*) n FROM examples WHERE run_id = ? AND kept = 1", [run_id])[0]["n"]
+    dropped: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    for r in store.rows("SELECT filter, count(*) n, min(reason) reason FROM verdicts WHERE run_id = ? AND passed = 0 GROUP BY filter", [run_id]):
+        dropped[r["filter"]] = r["n"]
+        reasons[r["filter"]] = r["reason"]
+    echo = None
+    if run["kind"] == "annotated":
+        rows = store.rows("SELECT instruction, output FROM examples WHERE run_id = ? AND instruction != ''", [run_id])
+        echo = summarize_echo([echo_metrics(r["instruction"], r["output"]) for r in rows]) if rows else None
+    skipped = [tuple(m["message"].split(": ", 1)) for m in store.rows(
+        "SELECT message FROM run_events WHERE run_id = ? AND message LIKE 'skipped source %'", [run_id])]
+    return RunSummary(run_id, run["status"], run["requested"], generated, kept, dropped, reasons, echo,
+                      [(p.removeprefix("skipped source "), r) for p, r in skipped])
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def find_run(store: Store, loaded: LoadedRecipe, prompt: PromptFile, resume: int | None, new_run: bool) -> tuple[int | None, bool]:
+    """(run id to continue or None for a new run, whether it is already complete). Refuses to continue a
+    run whose recipe or prompt changed, saying what changed."""
+    recipe = loaded.recipe
+    if new_run:
+        return None, False
+    if resume is not None:
+        rows = store.rows("SELECT * FROM runs WHERE id = ?", [resume])
+        if not rows:
+            raise ResumeError(f"no run {resume} to resume (see `appliance runs`)")
+    else:
+        rows = store.rows("SELECT * FROM runs WHERE name = ? AND kind = ? ORDER BY id DESC LIMIT 1", [_run_name(loaded), recipe.kind])
+        if not rows:
+            return None, False
+    run = rows[0]
+    if run["kind"] not in ("synthetic", "annotated", "augmented"):
+        raise ResumeError(f"run {run['id']} is a {run['kind']} run, not a recipe run")
+    old_config = json.loads(run["config_json"] or "{}")
+    if run["recipe_sha256"] != loaded.sha256:
+        changed = _changes(old_config.get("recipe", {}), recipe.model_dump(by_alias=True))
+        what = ", ".join(changed) if changed else "its text (comments or layout)"
+        raise ResumeError(f"recipe changed since run {run['id']} ({what}); use --new-run to start over")
+    prompt_row = store.rows("SELECT sha256 FROM prompts WHERE id = ?", [run["prompt_id"]])
+    if prompt_row and prompt_row[0]["sha256"] != prompt.sha256:
+        raise ResumeError(f"prompt {prompt.path} changed since run {run['id']}; use --new-run to start over")
+    return run["id"], run["status"] == "completed"
+
+
+def _run_name(loaded: LoadedRecipe) -> str:
+    return loaded.recipe.name or Path(loaded.path).stem
+
+
+def run_recipe(
+    store: Store,
+    registry: Registry,
+    loaded: LoadedRecipe,
+    *,
+    resume: int | None = None,
+    new_run: bool = False,
+    n_parallel: int | None = None,
+    on_plan: Callable[[Any, int, int], None] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_tokens: Callable[[int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> RunSummary:
+    recipe = loaded.recipe
+    prompt = load_prompt(loaded.resolve(recipe.prompt))
+    if recipe.kind != "synthetic" and PASSAGE_VAR not in prompt.variables:
+        raise ApplianceError(f"prompt {prompt.path} must use {{{{ {PASSAGE_VAR} }}}} for an {recipe.kind} recipe")
+    given = set(recipe.vars) | set(recipe.axes) | set(prompt.header.vars) | ({PASSAGE_VAR} if recipe.kind != "synthetic" else set())
+    missing = [v for v in prompt.variables if v not in given]
+    if missing:
+        raise ApplianceError(f"prompt {prompt.path} uses {', '.join(repr(m) for m in missing)}, which recipe {loaded.path} does not give (add to [vars] or [axes])")
+    schema = load_json_schema(loaded.resolve(recipe.schema_file)) if recipe.schema_file else None
+    params = sampling_for(prompt, recipe.sampling.model_dump(exclude={"stop"}) | ({"stop": recipe.sampling.stop} if recipe.sampling.stop is not None else {}))
+    record = registry.resolve(recipe.model)
+    run_id, complete = find_run(store, loaded, prompt, resume, new_run)
+
+    chunks: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    if recipe.kind != "synthetic":
+        with Vocab(record.path) as vocab:
+            chunks, skipped = ingest_chunks(store, loaded, vocab)
+        for path, reason in skipped:
+            if on_warning:
+                on_warning(f"skipped source {path}: {reason}")
+        if not chunks:
+            raise ApplianceError(f"the sources of {loaded.path} gave no chunks of text")
+    items = build_items(loaded, prompt, chunks)
+
+    execution = None
+    if not complete:
+        todo = [it for it in items if run_id is None or it.index not in done_indexes(store, run_id)]
+        plan, prefix_tokens = plan_items(record, [it.prompt for it in todo or items], params, n_parallel=n_parallel or recipe.parallel)
+        if on_plan:
+            on_plan(plan, prefix_tokens, len(todo))
+        prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
+        resumed = run_id is not None
+        if run_id is None:
+            run_id = store.start_run(
+                kind=recipe.kind, name=_run_name(loaded), recipe_sha256=loaded.sha256, model_id=record.id,
+                model_sha256=registry.ensure_sha256(record), prompt_id=prompt_id, requested=len(items),
+                variables=recipe.vars, params={**params.model_dump(), "seed": recipe.seed}, plan=plan.model_dump(),
+                schema=schema[0] if schema else None,
+                config={"recipe_path": loaded.path, "recipe": recipe.model_dump(by_alias=True)},
+            )
+            for path, reason in skipped:
+                store.event(run_id, "warning", f"skipped source {path}: {reason}")
+        execution = execute(store, record, plan, run_id, prompt_id, items, params,
+                            grammar=schema[1] if schema else None, on_row=on_row, on_tokens=on_tokens)
+    else:
+        resumed = True
+    gens = store.rows("SELECT * FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
+    chunk_text_by_id = {c["id"]: c["text"] for c in chunks}
+    store_judgement(store, run_id, recipe, judge(recipe, gens, chunk_text_by_id, schema[0] if schema else None))
+    store.finish_run(run_id, "completed")
+    summary = summarize(store, run_id)
+    summary.execution, summary.resumed = execution, resumed
+    return summary
+
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, tuple[Path, int]]  # split -> (file, rows)
+    card: Path
+    dropped: dict[str, int]
+
+
+def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None = None, seed: int = 0) -> ExportResult:
+    """Write the run's kept examples in `fmt`, one file per split (`NAME.train.jsonl`, ...), and a
+    dataset card beside them (`NAME.card.md`)."""
+    from .export import Example, ExportError, check_format, dataset_card, parse_split_spec, split_examples, write_jsonl
+
+    check_format(fmt)
+    ratios = parse_split_spec(split) if split else None
+    summary = summarize(store, run_id)
+    rows = store.rows(
+        "SELECT e.*, g.seed, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "
+        "WHERE e.run_id = ? AND e.kept = 1 ORDER BY g.item_index",
+        [run_id],
+    )
+    if not rows:
+        why = summary.why_nothing() or "the run has no examples yet (run its recipe first)"
+        raise ExportError(f"run {run_id} has nothing to export: {why}")
+    examples = [
+        Example(id=str(r["id"]), instruction=r["instruction"], input=r["input"], output=r["output"], system=r["system"],
+                group=r["group_key"], label=r["label"], meta={"run_id": run_id, "generation_id": r["generation_id"],
+                                                               "chunk_id": r["chunk_id"], "seed": r["seed"]})
+        for r in rows
+    ]
+    splits = split_examples(examples, ratios, seed=seed) if ratios else {"all": examples}
+    if not out.parent.is_dir():
+        raise ExportError(f"cannot write {out}: folder {out.parent} does not exist")
+    files: dict[str, tuple[Path, int]] = {}
+    for name, part in splits.items():
+        path = out if not ratios else out.with_name(f"{out.stem}.{name}{out.suffix or '.jsonl'}")
+        files[name] = (path, write_jsonl(path, part, fmt))
+    run = store.rows("SELECT r.name, r.kind, m.name AS model FROM runs r LEFT JOIN models m ON m.id = r.model_id WHERE r.id = ?", [run_id])[0]
+    card = out.with_name(f"{out.stem}.card.md")
+    card.write_text(dataset_card(run["name"] or f"run {run_id}", splits, summary.dropped, fmt,
+                                 {"run": run_id, "kind": run["kind"], "model": run["model"], "split seed": seed,
+                                  "generated": summary.generated, "kept": summary.kept}), encoding="utf-8")
+    return ExportResult(files, card, summary.dropped)

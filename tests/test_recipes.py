@@ -1,0 +1,197 @@
+"""Dataset recipes end to end on the demo model: each kind, resume after an interruption, export in
+every format, and the recipe's bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from appliance.datasets import run_recipe
+from appliance.models import Registry
+from appliance.recipe import load_recipe
+from appliance.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def recipes(workdir: Path) -> Path:
+    shutil.copytree(REPO / "recipes", workdir / "recipes")
+    return workdir / "recipes"
+
+
+def shrink(path: Path, **changes: str) -> Path:
+    """A copy of a shipped recipe with some lines replaced (e.g. a smaller count for tests)."""
+    text = path.read_text()
+    for key, value in changes.items():
+        lines = [f"{key} = {value}" if line.startswith(f"{key} = ") else line for line in text.splitlines()]
+        text = "\n".join(lines) + "\n"
+    out = path.with_name(path.stem + "-test.toml")
+    out.write_text(text.replace(f'name = "{path.stem}"', f'name = "{path.stem}-test"'))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["openai", "sharegpt", "alpaca", "jsonl"])
+def test_synthetic_recipe_runs_and_exports(run_cli, recipes, fmt):
+    recipe = shrink(recipes / "synthetic-reviews.toml", count="6")
+    result = run_cli("run", str(recipe), "--quiet")
+    assert "6/6 generated" in result.stderr
+    runs = run_cli.table("runs")
+    assert runs[0]["kind"] == "synthetic" and runs[0]["status"] == "completed"
+    gens = run_cli.table("generations")
+    assert len(gens) == 6 and len({g["item_index"] for g in gens}) == 6
+    combos = {(json.loads(g["variables_json"])["product"], json.loads(g["variables_json"])["tone"]) for g in gens}
+    assert len(combos) == 6  # axes combinations are not repeated before all are used
+    verdicts = run_cli.table("verdicts")
+    assert {v["filter"] for v in verdicts} >= {"not_empty", "length"}
+    kept = [e for e in run_cli.table("examples") if e["kept"]]
+    out = Path("reviews.jsonl")
+    exported = run_cli("export", "1", "--format", fmt, "--out", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(kept) and f"all: {len(kept)} examples" in exported.stdout
+    first = rows[0]
+    if fmt == "openai":
+        assert [m["role"] for m in first["messages"]] == ["system", "user", "assistant"]
+        assert first["messages"][1]["content"].startswith("Write a ")
+    elif fmt == "sharegpt":
+        assert [m["from"] for m in first["conversations"]] == ["system", "human", "gpt"]
+    elif fmt == "alpaca":
+        assert set(first) >= {"instruction", "input", "output"}
+    else:
+        assert set(first) >= {"id", "instruction", "output", "group"}
+    card = Path("reviews.card.md").read_text()
+    assert f"examples: {len(kept)}" in card and "```" in card
+
+
+def test_annotated_recipe_keeps_original_text_and_guards_echo(run_cli, recipes):
+    recipe = shrink(recipes / "annotated-coriolanus.toml", count="6")
+    result = run_cli("run", str(recipe), "--quiet")
+    assert "echo: instruction/output length ratio" in result.stderr
+    d = sqlite_utils.Database(run_cli.db)
+    assert d["sources"].count == 1 and d["chunks"].count >= 6
+    examples = list(d.query(
+        "select e.instruction, e.output, c.text chunk, s.path from examples e join chunks c on c.id = e.chunk_id "
+        "join sources s on s.id = c.source_id"))
+    assert len(examples) == 6
+    source_text = (recipes / "sources" / "coriolanus-act1-excerpt.txt").read_text()
+    for e in examples:
+        assert e["output"] == e["chunk"].strip() and e["output"] in source_text  # trains on the original text
+    echo = list(d.query("select passed, reason from verdicts where filter = 'echo'"))
+    assert len(echo) >= 1 and all(r["reason"] for r in echo)
+
+
+def test_augmented_recipe_keeps_lineage(run_cli, recipes):
+    recipe = shrink(recipes / "augmented-qa.toml", count="4")
+    run_cli("run", str(recipe), "--quiet", ok=False)  # a base 270M model may get every answer dropped
+    d = sqlite_utils.Database(run_cli.db)
+    rows = list(d.query(
+        "select g.id, g.chunk_id, e.instruction, e.input, e.output, c.text from generations g "
+        "join examples e on e.generation_id = g.id join chunks c on c.id = g.chunk_id"))
+    assert len(rows) == 4
+    for r in rows:
+        assert r["input"] == r["text"].strip()  # the grounding passage travels with the example
+    filters = {r["filter"] for r in d.query("select distinct filter from verdicts")}
+    assert "parse" in filters
+
+
+def test_interrupted_run_resumes_to_exactly_n_items(workdir, recipes):
+    loaded = load_recipe(shrink(recipes / "synthetic-reviews.toml", count="8"))
+    store = Store(workdir / "appliance.db")
+    seen = []
+
+    def stop_after_three(row):
+        seen.append(row["item_index"])
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(store, Registry(store), loaded, n_parallel=2, on_row=stop_after_three)
+    run = store.rows("select * from runs")[0]
+    assert run["status"] == "interrupted"
+    stored = store.rows("select count(*) n from generations")[0]["n"]
+    assert 3 <= stored < 8
+    summary = run_recipe(store, Registry(store), loaded, n_parallel=2)
+    assert summary.resumed and summary.run_id == run["id"]
+    gens = store.rows("select item_index, item_key from generations where run_id = ?", [run["id"]])
+    assert len(gens) == 8 and len({g["item_index"] for g in gens}) == 8 and len({g["item_key"] for g in gens}) == 8
+    assert store.rows("select status from runs")[0]["status"] == "completed"
+    again = run_recipe(store, Registry(store), loaded)  # complete: nothing generated again
+    assert again.execution is None and store.rows("select count(*) n from generations")[0]["n"] == 8
+
+
+def test_resume_refuses_a_changed_recipe_and_new_run_starts_over(run_cli, recipes):
+    recipe = shrink(recipes / "synthetic-reviews.toml", count="2")
+    run_cli("run", str(recipe), "--quiet")
+    recipe.write_text(recipe.read_text().replace("seed = 1", "seed = 2"))
+    result = run_cli("run", str(recipe), "--quiet", ok=False)
+    assert result.exit_code == 1 and "recipe changed since run 1 (seed)" in result.stderr
+    run_cli("run", str(recipe), "--quiet", "--new-run")
+    assert len(run_cli.table("runs")) == 2
+
+
+def test_export_split_is_deterministic_and_leak_free(run_cli, recipes):
+    recipe = shrink(recipes / "synthetic-reviews.toml", count="10")
+    run_cli("run", str(recipe), "--quiet")
+    run_cli("export", "1", "--format", "alpaca", "--out", "a.jsonl", "--split", "train=0.7,test=0.3", "--seed", "4")
+    train = Path("a.train.jsonl").read_text()
+    test = Path("a.test.jsonl").read_text()
+    run_cli("export", "1", "--format", "alpaca", "--out", "b.jsonl", "--split", "train=0.7,test=0.3", "--seed", "4")
+    assert Path("b.train.jsonl").read_text() == train and Path("b.test.jsonl").read_text() == test
+    outputs_train = {json.loads(line)["output"] for line in train.splitlines()}
+    outputs_test = {json.loads(line)["output"] for line in test.splitlines()}
+    assert outputs_train and outputs_test and not outputs_train & outputs_test
+
+
+BAD_RECIPES = [
+    ("unknown key", 'kind = "synthetic"\nmodel = "m"\nprompt = "p.md"\ncount = 2\ncolour = "red"\n', "key 'colour': unknown key"),
+    ("wrong type", 'kind = "synthetic"\nmodel = "m"\nprompt = "p.md"\ncount = "many"\n', "key 'count'"),
+    ("bad kind", 'kind = "magic"\nmodel = "m"\nprompt = "p.md"\n', "key 'kind'"),
+    ("no sources", 'kind = "annotated"\nmodel = "m"\nprompt = "p.md"\n', "needs sources"),
+    ("not toml", 'kind = \n', "not valid TOML"),
+    ("nested unknown", 'kind = "synthetic"\nmodel = "m"\nprompt = "p.md"\ncount = 2\n[filters]\nmin_wrods = 3\n', "key 'filters.min_wrods': unknown key"),
+]
+
+
+@pytest.mark.parametrize("name, text, message", BAD_RECIPES, ids=[b[0] for b in BAD_RECIPES])
+def test_bad_recipe_names_file_key_and_problem(run_cli, workdir, name, text, message):
+    path = workdir / "bad.toml"
+    path.write_text(text)
+    result = run_cli("run", str(path), ok=False)
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "bad.toml" in line and message in line, line
+
+
+def test_recipe_prompt_variable_not_given(run_cli, workdir, demo_model):
+    (workdir / "p.md").write_text("Write about {{ topic }} in {{ style }}:\n")
+    (workdir / "r.toml").write_text(f'kind = "synthetic"\nmodel = "{demo_model}"\nprompt = "p.md"\ncount = 2\n[axes]\ntopic = ["a", "b"]\n')
+    result = run_cli("run", "r.toml", ok=False)
+    assert result.exit_code == 1 and "'style'" in result.stderr and "does not give" in result.stderr
+
+
+def test_empty_source_folder_and_bad_source_files(run_cli, workdir, recipes):
+    (workdir / "empty").mkdir()
+    recipe = recipes / "annotated-coriolanus.toml"
+    text = recipe.read_text()
+    bad = workdir / "recipes" / "empty.toml"
+    bad.write_text(text.replace('sources = ["sources/coriolanus-act1-excerpt.txt"]', 'sources = ["../empty"]').replace('name = "annotated-coriolanus"', 'name = "e"'))
+    result = run_cli("run", str(bad), ok=False)
+    assert result.exit_code == 1 and "no .txt, .md or .jsonl files" in result.stderr
+    mixed = workdir / "mixed"
+    mixed.mkdir()
+    shutil.copy(recipes / "sources" / "coriolanus-act1-excerpt.txt", mixed / "good.txt")
+    (mixed / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (mixed / "blob.txt").write_bytes(b"\x00\x01\x02binary")
+    ok = workdir / "recipes" / "mixed.toml"
+    ok.write_text(text.replace('sources = ["sources/coriolanus-act1-excerpt.txt"]', 'sources = ["../mixed"]')
+                  .replace("count = 16", "count = 2").replace('name = "annotated-coriolanus"', 'name = "m"'))
+    result = run_cli("run", str(ok), "--quiet", ok=False)
+    assert "warning: skipped source" in result.stderr and "latin1.txt" in result.stderr and "blob.txt" in result.stderr
+    d = sqlite_utils.Database(run_cli.db)
+    assert d["generations"].count == 2
+    events = [e["message"] for e in d["run_events"].rows]
+    assert sum("skipped source" in e for e in events) == 2
