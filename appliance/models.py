@@ -60,9 +60,8 @@ def demo_model_path() -> Path | None:
         raise ModelFileError(f"could not assemble the demo model from its packages: {exc}") from None
 
 
-def _unique_name(store: Store, wanted: str) -> str:
+def _unique_name(taken: set[str], wanted: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", wanted).strip("-") or "model"
-    taken = {r["name"] for r in store.rows("SELECT name FROM models")}
     candidate, n = name, 2
     while candidate in taken:
         candidate, n = f"{name}-{n}", n + 1
@@ -95,8 +94,7 @@ class Registry:
         path = path.expanduser().resolve()
         info = read_gguf(path)
         st = path.stat()
-        existing = self.store.rows("SELECT * FROM models WHERE path = ?", [str(path)])
-        fields = {
+        fields: dict[str, Any] = {
             "file_size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
             "architecture": info.architecture,
@@ -110,31 +108,28 @@ class Registry:
             "vocab_size": info.vocab_size,
             "info_json": to_json(info.model_dump()),
         }
-        if existing:
-            row = existing[0]
-            changed = (row["file_size"], row["mtime_ns"]) != (st.st_size, st.st_mtime_ns)
-            if changed:
-                fields["sha256"] = None
-            if name and name != row["name"]:
-                if self.store.rows("SELECT 1 FROM models WHERE name = ? AND id != ?", [name, row["id"]]):
-                    raise ApplianceError(f"a model named {name!r} is already registered")
-                fields["name"] = name
-            if origin == "added" or row["removed_at"] is None:
-                fields["removed_at"] = None
-            if origin == "added":
-                fields["origin"] = "added"
-            self.store.update("models", row["id"], fields)
-            return self.get_by_id(row["id"])
-        if name and self.store.rows("SELECT 1 FROM models WHERE name = ?", [name]):
-            raise ApplianceError(f"a model named {name!r} is already registered (choose another --name)")
-        fields.update(
-            name=name or _unique_name(self.store, path.name.removesuffix(".gguf")),
-            path=str(path),
-            origin=origin,
-            added_at=utcnow(),
-        )
+        # One IMMEDIATE transaction: two processes registering the same file cannot both insert it.
         with self.store.transaction() as conn:
-            pk = insert_row(conn, "models", fields)
+            row = conn.execute("SELECT id, name, file_size, mtime_ns, removed_at FROM models WHERE path = ?", [str(path)]).fetchone()
+            if row:
+                pk, old_name, size, mtime, removed_at = row
+                if (size, mtime) != (st.st_size, st.st_mtime_ns):
+                    fields["sha256"] = None
+                if name and name != old_name:
+                    if conn.execute("SELECT 1 FROM models WHERE name = ? AND id != ?", [name, pk]).fetchone():
+                        raise ApplianceError(f"a model named {name!r} is already registered")
+                    fields["name"] = name
+                if origin == "added":
+                    fields.update(origin="added", removed_at=None)
+                sets = ", ".join(f"{col} = ?" for col in fields)
+                conn.execute(f"UPDATE models SET {sets} WHERE id = ?", [*fields.values(), pk])
+            else:
+                if name and conn.execute("SELECT 1 FROM models WHERE name = ?", [name]).fetchone():
+                    raise ApplianceError(f"a model named {name!r} is already registered (choose another --name)")
+                taken = {r[0] for r in conn.execute("SELECT name FROM models")}
+                fields.update(name=name or _unique_name(taken, path.name.removesuffix(".gguf")), path=str(path),
+                              origin=origin, added_at=utcnow())
+                pk = insert_row(conn, "models", fields)
         return self.get_by_id(pk)
 
     def sync(self) -> None:
