@@ -302,8 +302,7 @@ def plan_cmd(ctx: click.Context, model: str, n_ctx: int | None, n_parallel: int 
         click.echo(json.dumps({"model": record.name, **plan.model_dump()}, indent=2))
     else:
         _print_plan(record.name, plan)
-    if not plan.fits:
-        sys.exit(1)
+    plan.require()  # does not fit: one line on stderr, exit 1
 
 
 def _print_plan(name: str, plan) -> None:

@@ -16,6 +16,8 @@ context the plan gives is prefix + n_parallel x (suffix + max_tokens).
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -32,15 +34,20 @@ _log_callback = None  # keeps the ctypes callback alive
 
 
 def _install_log_capture() -> None:
-    """Route llama.cpp's log into a buffer: the appliance prints its own one-line messages."""
+    """Route llama.cpp's log into a buffer (and to stderr with APPLIANCE_DEBUG=1): the appliance prints
+    its own one-line messages."""
     global _log_callback
     if _log_callback is not None:
         return
     import llama_cpp
 
+    debug = bool(os.environ.get("APPLIANCE_DEBUG"))
+
     @llama_cpp.llama_log_callback
     def _capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         _LOG_LINES.append(text.decode("utf-8", errors="replace"))
+        if debug:
+            sys.stderr.write(_LOG_LINES[-1])
         if len(_LOG_LINES) > 2000:
             del _LOG_LINES[:1000]
 
@@ -77,6 +84,7 @@ class Request:
     key: Any
     prompt: str
     seed: int
+    grammar: str | None = None  # GBNF for this request; else the engine's
 
 
 @dataclass
@@ -176,14 +184,14 @@ class Engine:
         return self._piece_buf.raw[:n]
 
     # -- sampling -------------------------------------------------------------------------------
-    def _make_sampler(self, params: SamplingParams, seed: int) -> Any:
+    def _make_sampler(self, params: SamplingParams, seed: int, grammar: str | None) -> Any:
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if self.grammar:
-            g = ll.llama_sampler_init_grammar(self.vocab, self.grammar.encode("utf-8"), b"root")
+        if grammar:
+            g = ll.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
             if not g:
                 ll.llama_sampler_free(chain)
-                raise GenerationError("llama.cpp rejected the grammar built from the JSON schema")
+                raise GenerationError("llama.cpp rejected the output grammar (see `APPLIANCE_DEBUG=1` for its log)")
             ll.llama_sampler_chain_add(chain, g)
         if params.repeat_penalty != 1.0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(64, params.repeat_penalty, 0.0, 0.0))
@@ -279,7 +287,7 @@ class Engine:
         slot.request, slot.tokens = request, tokens
         slot.pending = tokens[prefix:]
         slot.pos, slot.n_out, slot.out, slot.last = prefix, 0, bytearray(), None
-        slot.sampler = self._make_sampler(params, request.seed)
+        slot.sampler = self._make_sampler(params, request.seed, request.grammar or self.grammar)
         slot.started = time.perf_counter()
         slot.finish = None
 

@@ -28,6 +28,7 @@ class Item:
     prompt: str
     variables: dict[str, Any] = field(default_factory=dict)
     chunk_id: int | None = None
+    grammar: str | None = None  # constrains this item's output (else the run's grammar)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def execute(
     try:
         if todo:
             with Engine(record.path, plan, grammar=grammar) as engine:
-                requests = [Request(key=it.index, prompt=it.prompt, seed=it.seed) for it in todo]
+                requests = [Request(key=it.index, prompt=it.prompt, seed=it.seed, grammar=it.grammar) for it in todo]
                 for done in engine.generate(requests, params, on_step=on_tokens):
                     row = _row(run_id, prompt_id, by_index[done.key], done)
                     writer.put(row)

@@ -224,9 +224,44 @@ def _m002_datasets(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX runs_recipe ON runs(recipe_sha256)")
 
 
+def _m003_tasks(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE examples ADD COLUMN task TEXT")
+    db.execute("ALTER TABLE examples ADD COLUMN confidence REAL")  # self-consistency agreement of the label
+    db.execute("ALTER TABLE examples ADD COLUMN split TEXT")       # assigned by task runs (train/validation/test)
+    db.execute(
+        """
+        CREATE TABLE evals (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL UNIQUE REFERENCES runs(id),     -- the eval's own run (kind 'eval')
+            dataset_run_id INTEGER NOT NULL REFERENCES runs(id),
+            student_model_id INTEGER NOT NULL REFERENCES models(id),
+            split TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            metrics_json TEXT,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE predictions (
+            id INTEGER PRIMARY KEY,
+            eval_id INTEGER NOT NULL REFERENCES evals(id),
+            example_id INTEGER NOT NULL REFERENCES examples(id),
+            generation_id INTEGER REFERENCES generations(id),
+            task TEXT NOT NULL,
+            expected TEXT NOT NULL,
+            predicted TEXT NOT NULL,
+            correct INTEGER NOT NULL,
+            valid INTEGER NOT NULL,
+            UNIQUE (eval_id, example_id)
+        )"""
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
     (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
+    (3, "task data and student evaluations: example task/split/confidence, evals, predictions", _m003_tasks),
 ]
 
 
