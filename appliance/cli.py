@@ -402,14 +402,22 @@ def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, 
 @click.option("--quiet", is_flag=True, help="Do not print outputs as they complete.")
 @click.pass_context
 def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, quiet: bool) -> None:
-    """Make a dataset from RECIPE_FILE (TOML). Re-running a recipe continues its unfinished run."""
+    """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented) or a task spec
+    (`[[tasks]]`: data for small models). Re-running the file continues its unfinished run."""
     from .datasets import run_recipe
     from .progress import GenerationProgress
-    from .recipe import load_recipe
+    from .recipe import is_task_spec, load_recipe
 
     if resume is not None and new_run:
         raise ApplianceError("--resume and --new-run exclude each other")
-    loaded = load_recipe(recipe_file)
+    if is_task_spec(recipe_file):
+        from .taskspec import load_task_spec
+        from .tasks import run_task_spec as runner
+
+        loaded = load_task_spec(recipe_file)
+    else:
+        runner = run_recipe
+        loaded = load_recipe(recipe_file)
     store = _store(ctx)
     progress = GenerationProgress()
 
@@ -423,7 +431,7 @@ def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: 
             progress.print(row["output"].strip("\n"))
 
     try:
-        summary = run_recipe(
+        summary = runner(
             store, _registry(store), loaded, resume=resume, new_run=new_run, n_parallel=n_parallel,
             on_plan=on_plan, on_row=on_row, on_tokens=progress.tokens,
             on_warning=lambda m: click.echo(f"warning: {m}", err=True),
@@ -438,7 +446,10 @@ def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: 
 def _print_summary(s) -> None:
     ex = s.execution
     how = "resumed" if s.resumed else "new"
-    click.echo(f"run {s.run_id} ({how}): {s.generated}/{s.requested} generated, {s.kept} kept", err=True)
+    if s.kind == "task":
+        click.echo(f"run {s.run_id} ({how}): {s.generated} generations, {s.kept} of {s.requested} examples kept", err=True)
+    else:
+        click.echo(f"run {s.run_id} ({how}): {s.generated}/{s.requested} generated, {s.kept} kept", err=True)
     if ex is not None and ex.seconds:
         click.echo(f"  this session: {ex.rows} outputs, {ex.tokens_out} tokens, {ex.tokens_out / ex.seconds:.1f} tok/s", err=True)
     for name, n in sorted(s.dropped.items(), key=lambda kv: -kv[1]):
@@ -452,6 +463,8 @@ def _print_summary(s) -> None:
         )
     for path, reason in s.skipped_sources:
         click.echo(f"  skipped source {path}: {reason}", err=True)
+    for line in s.table_lines:
+        click.echo(f"  {line}", err=True)
 
 
 @cli.command("export")
@@ -469,6 +482,59 @@ def export_cmd(ctx: click.Context, run_id: int, fmt: str, out: Path, split: str 
     for name, (path, n) in result.files.items():
         click.echo(f"{name}: {n} examples -> {path}")
     click.echo(f"card: {result.card}")
+
+
+@cli.command("eval")
+@click.argument("student")
+@click.option("--dataset", "dataset_run", type=int, required=True, metavar="RUN_ID", help="The task run whose held-out split to use.")
+@click.option("--split", default="test", show_default=True, help="Which split to evaluate on.")
+@click.option("--parallel", "n_parallel", type=click.IntRange(min=1), help="Sequences decoded together (default: the plan's).")
+@click.option("--json", "as_json", is_flag=True, help="The metrics as one JSON object.")
+@click.pass_context
+def eval_cmd(ctx: click.Context, student: str, dataset_run: int, split: str, n_parallel: int | None, as_json: bool) -> None:
+    """Run STUDENT (a GGUF) on a task run's held-out examples with the same prompt and constraints;
+    report accuracy and per-label P/R/F1 (classify), JSON validity and per-field exact match (extract)."""
+    from .evaluate import evaluate
+    from .metrics import format_report
+    from .progress import GenerationProgress
+
+    store = _store(ctx)
+    progress = GenerationProgress()
+    try:
+        result = evaluate(
+            store, _registry(store), student, dataset_run, split, n_parallel=n_parallel,
+            on_plan=lambda plan, prefix, n: progress.start(f"evaluating {n} examples, {plan.n_parallel} parallel", n),
+            on_row=lambda row: progress.advance(row["tokens_out"]), on_tokens=progress.tokens,
+        )
+    finally:
+        progress.stop()
+    if as_json:
+        click.echo(json.dumps({"eval_id": result.eval_id, "run_id": result.run_id, "n": result.n, "tasks": result.reports}, indent=2))
+        return
+    click.echo(f"eval {result.eval_id} (run {result.run_id}): {result.n} examples of run {dataset_run}/{split}")
+    for name, report in result.reports.items():
+        click.echo(f"\n## {name} ({result.kinds[name]})")
+        click.echo(format_report(report, result.kinds[name]))
+
+
+@cli.command("evals")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines.")
+@click.pass_context
+def evals_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Compare evaluation results across students and datasets."""
+    from .evaluate import headline, list_evals
+
+    rows = list_evals(_store(ctx, readonly=True))
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    if not rows:
+        click.echo("no evaluations yet: `appliance eval STUDENT --dataset RUN_ID`", err=True)
+        return
+    for row in rows:
+        scores = "  ".join(f"{task}: {headline(m)}" for task, m in sorted(row["metrics"].items()))
+        click.echo(f"eval {row['id']:>3}  {row['student']:<24} on run {row['dataset_run_id']} ({row['dataset']}/{row['split']}, n={row['n']})  {scores}")
 
 
 # ----------------------------------------------------------------------------------------- logs

@@ -216,6 +216,7 @@ def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[
 @dataclass
 class RunSummary:
     run_id: int
+    kind: str
     status: str
     requested: int
     generated: int
@@ -226,6 +227,7 @@ class RunSummary:
     skipped_sources: list[tuple[str, str]]
     execution: Execution | None = None
     resumed: bool = False
+    table_lines: list[str] = field(default_factory=list)  # per task/label counts of task runs
 
     def why_nothing(self) -> str:
         if self.kept or not self.generated:
@@ -252,7 +254,7 @@ def summarize(store: Store, run_id: int) -> RunSummary:
         echo = summarize_echo([echo_metrics(r["instruction"], r["output"]) for r in rows]) if rows else None
     skipped = [tuple(m["message"].split(": ", 1)) for m in store.rows(
         "SELECT message FROM run_events WHERE run_id = ? AND message LIKE 'skipped source %'", [run_id])]
-    return RunSummary(run_id, run["status"], run["requested"], generated, kept, dropped, reasons, echo,
+    return RunSummary(run_id, run["kind"], run["status"], run["requested"], generated, kept, dropped, reasons, echo,
                       [(p.removeprefix("skipped source "), r) for p, r in skipped])
 
 

@@ -131,6 +131,15 @@ class LoadedRecipe(BaseModel):
         return p if p.is_absolute() else Path(self.path).parent / p
 
 
+def is_task_spec(path: str | Path) -> bool:
+    """Whether a TOML file is a task spec (it has `[[tasks]]`) rather than a recipe; False when unreadable
+    (the recipe loader then reports the problem)."""
+    try:
+        return "tasks" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+
+
 def load_recipe(path: str | Path) -> LoadedRecipe:
     p = Path(path)
     if not p.exists():

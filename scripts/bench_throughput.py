@@ -173,7 +173,9 @@ def run_worker(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"# {args[0]} {' '.join(args[2:])}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
 
 
 def mib(n: int) -> str:

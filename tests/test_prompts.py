@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_shipped_prompts_parse_and_render():
     for path in sorted((REPO / "prompts").glob("*.md")):
         prompt = load_prompt(path)
-        values = prompt.values_for_item({}, seed=1)
+        values = {v: "x" for v in prompt.variables} | prompt.values_for_item({}, seed=1)
         text = prompt.render(values)
         assert "{{" not in text and text.strip()
 
