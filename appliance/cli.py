@@ -576,9 +576,11 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(row))
         else:
+            dropped = ", ".join(f"{k} {v}" for k, v in sorted(row["dropped"].items()))
+            kept = f"  {row['kept']} kept" + (f" (dropped: {dropped})" if dropped else "") if row["kind"] != "generate" else ""
             click.echo(
-                f"run {row['id']:>4}  {row['kind']:<9} {row['status']:<11} {row['done']}/{row['requested']} done  "
-                f"{row['model'] or '-'}  {row['prompt'] or '-'}  {row['started_at']}"
+                f"run {row['id']:>4}  {row['kind']:<9} {row['status']:<11} {row['done']}/{row['requested']} done{kept}  "
+                f"{row['name'] or row['prompt'] or '-'}  {row['model'] or '-'}  {row['started_at']}"
                 + (f"  error: {row['error']}" if row["error"] else "")
             )
     if not rows and not as_json:

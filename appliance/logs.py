@@ -44,12 +44,20 @@ def search_generations(store: Store, *, limit: int = 3, query: str | None = None
 
 
 def list_runs(store: Store, *, limit: int = 20) -> list[dict[str, Any]]:
+    """Runs, newest first, with generations done, examples kept, and drops per filter."""
     sql = """
-        SELECT r.id, r.kind, r.status, r.requested,
+        SELECT r.id, r.kind, r.name, r.status, r.requested,
                (SELECT count(*) FROM generations g WHERE g.run_id = r.id) AS done,
+               (SELECT count(*) FROM examples e WHERE e.run_id = r.id AND e.kept = 1) AS kept,
                m.name AS model, p.name AS prompt, r.started_at, r.ended_at, r.error
         FROM runs r LEFT JOIN models m ON m.id = r.model_id LEFT JOIN prompts p ON p.id = r.prompt_id
         ORDER BY r.id DESC"""
     if limit:
         sql += f" LIMIT {int(limit)}"
-    return store.rows(sql)
+    runs = store.rows(sql)
+    drops: dict[int, dict[str, int]] = {}
+    for row in store.rows("SELECT run_id, filter, count(*) n FROM verdicts WHERE passed = 0 GROUP BY run_id, filter"):
+        drops.setdefault(row["run_id"], {})[row["filter"]] = row["n"]
+    for run in runs:
+        run["dropped"] = drops.get(run["id"], {})
+    return runs

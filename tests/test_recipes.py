@@ -195,3 +195,35 @@ def test_empty_source_folder_and_bad_source_files(run_cli, workdir, recipes):
     assert d["generations"].count == 2
     events = [e["message"] for e in d["run_events"].rows]
     assert sum("skipped source" in e for e in events) == 2
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 50) | st.floats(-2, 2, allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+_keys = st.sampled_from(["kind", "model", "prompt", "count", "seed", "sources", "axes", "filters", "sampling", "chunking", "schema", "extra"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=8), st.sampled_from(["synthetic", "annotated", "augmented", None]))
+def test_recipe_parser_gives_a_recipe_or_one_line_error(tmp_path_factory, data, kind):
+    """Any TOML-shaped input: either a valid recipe or a RecipeError of one line naming the file."""
+    from appliance.recipe import RecipeError
+
+    if kind:
+        data = {**data, "kind": kind}
+    path = tmp_path_factory.mktemp("fuzz") / "r.toml"
+    lines = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    try:
+        load_recipe(path)
+    except RecipeError as exc:
+        assert "\n" not in str(exc) and "r.toml" in str(exc)

@@ -152,3 +152,50 @@ def test_readers_and_a_second_writer_while_a_run_writes(workdir):
     assert attempts >= 8 and errors == 0 and locked == 0
     d = sqlite_utils.Database(db)
     assert d["generations"].count == 36 and integrity(db) == "ok"
+
+
+def test_decode_failure_marks_the_run_failed_and_keeps_earlier_rows(run_cli, demo_model, monkeypatch):
+    """llama.cpp failing mid-run (here: llama_decode returning an error after some outputs)."""
+    from appliance.engine import Engine
+
+    real = Engine._decode
+    calls = {"n": 0}
+
+    def failing(self):
+        calls["n"] += 1
+        return -3 if calls["n"] > 40 else real(self)
+
+    monkeypatch.setattr(Engine, "_decode", failing)
+    result = run_cli("generate", "prompts/product-review.md", "-m", str(demo_model), "-n", "12", "--max-tokens", "24",
+                     "--parallel", "2", "--seed", "1", ok=False)
+    assert result.exit_code == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: llama_decode failed (code -3)") and "try a smaller --parallel or --ctx" in line
+    run = run_cli.table("runs")[0]
+    assert run["status"] == "failed" and "llama_decode failed" in run["error"]
+    kept = run_cli.table("generations")
+    assert 1 <= len(kept) < 12  # the outputs finished before the failure stay
+
+
+def test_a_full_disk_is_a_clear_error_and_corrupts_nothing(tmp_path, demo_model):
+    """A database on a tiny tmpfs that fills up while a run writes."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or 'mount failed'}")
+    try:
+        db = mnt / "a.db"
+        prompt = tmp_path / "long.md"
+        prompt.write_text("+++\nmax_tokens = 64\n+++\n" + ("Words of a long shared prompt. " * 300) + "\nContinue:")
+        env = {**os.environ, "APPLIANCE_DB": str(db)}
+        out = subprocess.run([APPLIANCE, "generate", str(prompt), "-m", str(demo_model), "-n", "200", "--max-tokens", "4"],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("Error: cannot write database") and "disk is full" in out.stderr
+        assert "Traceback" not in out.stderr
+        assert integrity(db) == "ok"
+        d = sqlite_utils.Database(db)
+        assert 0 < d["generations"].count < 200  # what was written before the disk filled stays
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
