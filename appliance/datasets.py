@@ -26,17 +26,17 @@ from typing import Any
 
 import jinja2.sandbox
 
-from .engine import SamplingParams, Vocab
+from .engine import Vocab
 from .errors import ApplianceError
 from .generate import sampling_for
-from .models import ModelRecord, Registry
+from .models import Registry
 from .prompts import PromptFile, load_prompt
 from .quality import EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty, echo_metrics, summarize_echo
 from .recipe import LoadedRecipe, Recipe
 from .runner import Execution, Item, done_indexes, execute, item_seeds, plan_items
 from .schema import load_json_schema
 from .sources import chunk_text, read_sources
-from .store import Store, insert_row, to_json, utcnow
+from .store import Store, insert_row, utcnow
 
 PASSAGE_VAR = "passage"
 

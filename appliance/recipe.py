@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -140,22 +140,27 @@ def is_task_spec(path: str | Path) -> bool:
         return False
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
+def read_toml_file(path: str | Path, what: str, error: type[ApplianceError]) -> tuple[Path, str, dict[str, Any]]:
+    """A TOML config file's path, text and data; each problem is one `error` line naming the file."""
     p = Path(path)
     if not p.exists():
-        raise RecipeError(f"no such recipe file: {p}")
+        raise error(f"no such {what} file: {p}")
     if p.is_dir():
-        raise RecipeError(f"{p} is a directory, not a recipe file")
+        raise error(f"{p} is a directory, not a {what} file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise RecipeError(f"recipe {p} is not UTF-8 text") from None
+        raise error(f"{what} {p} is not UTF-8 text") from None
     except OSError as exc:
-        raise RecipeError(f"cannot read recipe {p}: {exc.strerror}") from None
+        raise error(f"cannot read {what} {p}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(text)
+        return p, text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"recipe {p}: not valid TOML: {exc}") from None
+        raise error(f"{what} {p}: not valid TOML: {exc}") from None
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    p, text, data = read_toml_file(path, "recipe", RecipeError)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -175,7 +175,7 @@ def run_task_spec(
     record = registry.resolve(spec.model)
     run_id, complete = _find_run(store, loaded, resume, new_run)
     resumed = run_id is not None
-    targets = {t.name: n for t, n in ((spec.task(name), n) for name, n in task_targets(spec).items())}
+    targets = task_targets(spec)
     label_goal = {t.name: label_targets(t, targets[t.name]) for t in spec.tasks if t.kind == "classify"}
 
     def goals() -> dict[tuple[str, str | None], int]:

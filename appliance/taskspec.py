@@ -62,7 +62,6 @@ import json
 import math
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -74,12 +73,7 @@ from .export import ExportError, parse_split_spec
 from .metrics import INVALID
 from .prompts import PromptFile, load_prompt
 from .quality import json_validator
-from .recipe import Sampling
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .recipe import Sampling, read_toml_file
 
 KINDS = ("classify", "extract", "transform")
 MAX_COUNT = 1_000_000
@@ -506,21 +500,7 @@ def parse_task_spec(data: Any, where: str) -> TaskSpec:
 
 def load_task_spec(path: str | Path) -> LoadedTaskSpec:
     """Read, parse and validate a task spec file, and load the input prompt files it names."""
-    p = Path(path)
-    if not p.exists():
-        raise TaskSpecError(f"no such task spec file: {p}")
-    if p.is_dir():
-        raise TaskSpecError(f"{p} is a directory, not a task spec file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise TaskSpecError(f"task spec {p} is not UTF-8 text") from None
-    except OSError as exc:
-        raise TaskSpecError(f"cannot read task spec {p}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TaskSpecError(f"task spec {p}: not valid TOML: {exc}") from None
+    p, text, data = read_toml_file(path, "task spec", TaskSpecError)
     spec = parse_task_spec(data, str(p))
     prompts: dict[str, PromptFile] = {}
     for i, task in enumerate(spec.tasks):
