@@ -232,6 +232,8 @@ class RunSummary:
     def why_nothing(self) -> str:
         if self.kept or not self.generated:
             return ""
+        if not self.dropped:
+            return "kept nothing: no example has been judged yet (run it again to finish it)"
         parts = [f"{n} by {name} (e.g. {self.first_reasons[name]})" for name, n in sorted(self.dropped.items(), key=lambda kv: -kv[1])]
         return "kept nothing: dropped " + "; ".join(parts)
 
@@ -382,7 +384,12 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
 
     check_format(fmt)
     ratios = parse_split_spec(split) if split else None
+    if not out.parent.is_dir():
+        raise ExportError(f"cannot write {out}: folder {out.parent} does not exist")
     summary = summarize(store, run_id)
+    if summary.kind in ("generate", "eval"):
+        raise ExportError(f"run {run_id} is a {summary.kind} run with no dataset examples; export recipe and task runs "
+                          f"(`appliance logs --run {run_id} --json` lists its outputs)")
     rows = store.rows(
         "SELECT e.*, g.seed, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "
         "WHERE e.run_id = ? AND e.kept = 1 ORDER BY g.item_index",
@@ -398,8 +405,6 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
         for r in rows
     ]
     splits = split_examples(examples, ratios, seed=seed) if ratios else {"all": examples}
-    if not out.parent.is_dir():
-        raise ExportError(f"cannot write {out}: folder {out.parent} does not exist")
     files: dict[str, tuple[Path, int]] = {}
     for name, part in splits.items():
         path = out if not ratios else out.with_name(f"{out.stem}.{name}{out.suffix or '.jsonl'}")

@@ -116,6 +116,15 @@ def test_hw_and_plan(run_cli, demo_model):
     assert "verdict" in run_cli("plan", str(demo_model)).stdout
 
 
+def test_db_check_and_backup(run_cli, demo_model, workdir):
+    run_cli("generate", "prompts/product-review.md", "-m", str(demo_model), "-n", "2", "--max-tokens", "4")
+    check = run_cli("db", "check").stdout
+    assert "integrity    ok" in check and "generations  2 rows" in check and "run    1" in check
+    run_cli("db", "backup", "copy.db")
+    assert sqlite_utils.Database(workdir / "copy.db")["generations"].count == 2
+    assert oct(os.stat(workdir / "copy.db").st_mode & 0o777) == "0o600"
+
+
 def test_db_path(run_cli, workdir, monkeypatch):
     assert run_cli("db", "path").stdout.strip() == str(workdir / "appliance.db")
     monkeypatch.setenv("APPLIANCE_DB", str(workdir / "other.db"))
@@ -188,6 +197,16 @@ def _make_bad_inputs(workdir: Path, demo_model: Path) -> dict[str, Path]:
     (bad / "schema-notjson.json").write_text("{not json")
     (bad / "schema-bad.json").write_text('{"type": "object", "properties": {"a": {"type": "nonsense"}}}')
     (bad / "notsqlite.db").write_text("not a database at all\n")
+    (bad / "recipe.toml").write_text('kind = "synthetic"\nmodel = "m"\nprompt = "p.md"\ncount = 2\ncolour = "red"\n')
+    (bad / "spec.toml").write_text(
+        'name = "s"\nmodel = "m"\ncount = 4\n[[tasks]]\nname = "t"\nkind = "classify"\nsystem = "x"\n'
+        '[[tasks.labels]]\nname = "a"\ndescription = "a"\nexamples = ["a"]\n'
+        '[[tasks.labels]]\nname = "a"\ndescription = "b"\nexamples = ["b"]\n'
+    )
+    (bad / "sources").mkdir()
+    (bad / "empty-sources.toml").write_text(
+        f'kind = "annotated"\nmodel = "{demo_model}"\nprompt = "{REPO / "prompts" / "annotate-instruction.md"}"\nsources = ["sources"]\n'
+    )
     return {p.name: p for p in bad.iterdir()}
 
 
@@ -216,6 +235,18 @@ BAD_CASES = [
     ("db not sqlite", ["DB:bad/notsqlite.db", "models", "list"], "not a SQLite database"),
     ("db is a directory", ["DB:bad", "runs"], "directory"),
     ("logs of an unknown run", ["logs", "--run", "999"], "no run 999"),
+    ("recipe with an unknown key", ["run", "bad/recipe.toml"], "key 'colour': unknown key"),
+    ("recipe missing", ["run", "bad/none.toml"], "no such recipe file"),
+    ("task spec with a duplicate label", ["run", "bad/spec.toml"], "duplicate label"),
+    ("source folder without texts", ["run", "bad/empty-sources.toml"], "no .txt, .md or .jsonl files"),
+    ("resume and new-run together", ["run", "bad/recipe.toml", "--resume", "1", "--new-run"], "exclude each other"),
+    ("resume an unknown run", ["run", "--resume", "99", "bad/empty-sources.toml"], "no run 99 to resume"),
+    ("export an unknown run", ["export", "99", "--out", "x.jsonl"], "no run 99"),
+    ("export a bad split", ["export", "1", "--out", "x.jsonl", "--split", "train=0.9,test=0.2"], "add up to"),
+    ("export into a missing folder", ["export", "1", "--out", "nowhere/x.jsonl"], "does not exist"),
+    ("export a generate run", ["export", "1", "--out", "x.jsonl"], "is a generate run with no dataset examples"),
+    ("eval of a generate run", ["eval", "DEMO", "--dataset", "1"], "eval needs a task run"),
+    ("backup over an existing file", ["db", "backup", "bad/notsqlite.db"], "already exists"),
 ]
 
 
