@@ -55,11 +55,6 @@ def _install_log_capture() -> None:
     llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
 
 
-def llama_log() -> str:
-    """What llama.cpp has logged in this process (recent lines)."""
-    return "".join(_LOG_LINES)
-
-
 def _last_error_line() -> str:
     for line in reversed("".join(_LOG_LINES).splitlines()):
         if "error" in line.lower() or "failed" in line.lower():
