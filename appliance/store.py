@@ -124,7 +124,7 @@ def _m001_core(db: sqlite_utils.Database) -> None:
     # makes, written out here because enable_fts commits and a migration must be one transaction).
     db.execute(
         "CREATE VIRTUAL TABLE generations_fts USING fts5(output, rendered_prompt, "
-        "content=generations, content_rowid=id, tokenize='porter')"
+        "content=[generations], content_rowid=id, tokenize='porter')"
     )
     db.execute(
         """CREATE TRIGGER generations_ai AFTER INSERT ON generations BEGIN

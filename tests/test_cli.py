@@ -77,6 +77,8 @@ def test_logs_search_and_runs(run_cli, demo_model):
     hits = run_cli("logs", "-q", "zebra-striped", "--json").stdout.splitlines()
     assert len(hits) == 2  # the full-text index covers rendered prompts as well as outputs
     assert run_cli("logs", "-q", "xylophonequartz", "--json").stdout == ""
+    # the README's `sqlite-utils search` finds the same rows through sqlite-utils' own FTS detection
+    assert len(list(sqlite_utils.Database(run_cli.db)["generations"].search("zebra"))) == 2
     assert "run    1  generate  completed" in run_cli("runs").stdout
     assert len(run_cli("logs", "--run", "1", "-n", "0", "--json").stdout.splitlines()) == 2
 
