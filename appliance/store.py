@@ -359,7 +359,7 @@ class Store:
                 )
                 self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                rollback(self.conn)
                 raise
 
     def schema_version(self) -> int:
@@ -455,11 +455,21 @@ class _Transaction:
                 self.conn.execute("COMMIT")
                 return
             except sqlite3.DatabaseError as err:
-                self.conn.execute("ROLLBACK")
+                rollback(self.conn)
                 raise StoreError(_describe_sqlite_error(self.path, err)) from None
-        self.conn.execute("ROLLBACK")
+        rollback(self.conn)
         if isinstance(exc, sqlite3.DatabaseError):
             raise StoreError(_describe_sqlite_error(self.path, exc)) from None
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open: SQLite rolls back by itself on some errors (a full disk),
+    and a second ROLLBACK would raise over the real problem."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 def _describe_sqlite_error(path: Path, exc: sqlite3.DatabaseError) -> str:
@@ -548,9 +558,6 @@ class Writer:
             self.stats.rows += len(rows)
             self.stats.commits += 1
         except BaseException as exc:  # handed to the producer thread
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            rollback(conn)
             self.error = exc
         self.stats.seconds += time.perf_counter() - start
