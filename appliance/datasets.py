@@ -33,12 +33,13 @@ from .models import Registry
 from .prompts import PromptFile, load_prompt
 from .quality import EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty, echo_metrics, summarize_echo
 from .recipe import LoadedRecipe, Recipe
-from .runner import Execution, Item, done_indexes, execute, item_seeds, plan_items
+from .runner import Execution, Item, execute, item_seeds, pending, plan_items
 from .schema import load_json_schema
 from .sources import chunk_text, read_sources
 from .store import Store, insert_row, utcnow
 
 PASSAGE_VAR = "passage"
+RECIPE_KINDS = ("synthetic", "annotated", "augmented")
 
 
 class ResumeError(ApplianceError):
@@ -265,28 +266,44 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
-def find_run(store: Store, loaded: LoadedRecipe, prompt: PromptFile, resume: int | None, new_run: bool) -> tuple[int | None, bool]:
-    """(run id to continue or None for a new run, whether it is already complete). Refuses to continue a
-    run whose recipe or prompt changed, saying what changed."""
-    recipe = loaded.recipe
+def find_resumable(
+    store: Store, *, name: str, kinds: tuple[str, ...], sha256: str, config: tuple[str, dict[str, Any]],
+    what: str, resume: int | None, new_run: bool,
+) -> dict[str, Any] | None:
+    """The run to continue: `resume`, else the newest run of this name and kind (None: start a new run).
+    Refuses a run of another kind, or one made from a different file, naming the keys that changed."""
     if new_run:
-        return None, False
+        return None
     if resume is not None:
         rows = store.rows("SELECT * FROM runs WHERE id = ?", [resume])
         if not rows:
             raise ResumeError(f"no run {resume} to resume (see `appliance runs`)")
     else:
-        rows = store.rows("SELECT * FROM runs WHERE name = ? AND kind = ? ORDER BY id DESC LIMIT 1", [_run_name(loaded), recipe.kind])
+        marks = ", ".join("?" * len(kinds))
+        rows = store.rows(f"SELECT * FROM runs WHERE name = ? AND kind IN ({marks}) ORDER BY id DESC LIMIT 1", [name, *kinds])
         if not rows:
-            return None, False
+            return None
     run = rows[0]
-    if run["kind"] not in ("synthetic", "annotated", "augmented"):
-        raise ResumeError(f"run {run['id']} is a {run['kind']} run, not a recipe run")
-    old_config = json.loads(run["config_json"] or "{}")
-    if run["recipe_sha256"] != loaded.sha256:
-        changed = _changes(old_config.get("recipe", {}), recipe.model_dump(by_alias=True))
-        what = ", ".join(changed) if changed else "its text (comments or layout)"
-        raise ResumeError(f"recipe changed since run {run['id']} ({what}); use --new-run to start over")
+    if run["kind"] not in kinds:
+        raise ResumeError(f"run {run['id']} is a {run['kind']} run, not a {what} run")
+    if run["recipe_sha256"] != sha256:
+        key, new = config
+        changed = _changes(json.loads(run["config_json"] or "{}").get(key, {}), new)
+        because = ", ".join(changed) if changed else "its text (comments or layout)"
+        raise ResumeError(f"{what} changed since run {run['id']} ({because}); use --new-run to start over")
+    return run
+
+
+def find_run(store: Store, loaded: LoadedRecipe, prompt: PromptFile, resume: int | None, new_run: bool) -> tuple[int | None, bool]:
+    """(run id to continue or None for a new run, whether it is already complete). Refuses to continue a
+    run whose recipe or prompt changed, saying what changed."""
+    run = find_resumable(
+        store, name=_run_name(loaded), kinds=(loaded.recipe.kind,) if resume is None else RECIPE_KINDS,
+        sha256=loaded.sha256, config=("recipe", loaded.recipe.model_dump(by_alias=True)), what="recipe",
+        resume=resume, new_run=new_run,
+    )
+    if run is None:
+        return None, False
     prompt_row = store.rows("SELECT sha256 FROM prompts WHERE id = ?", [run["prompt_id"]])
     if prompt_row and prompt_row[0]["sha256"] != prompt.sha256:
         raise ResumeError(f"prompt {prompt.path} changed since run {run['id']}; use --new-run to start over")
@@ -337,7 +354,7 @@ def run_recipe(
 
     execution = None
     if not complete:
-        todo = [it for it in items if run_id is None or it.index not in done_indexes(store, run_id)]
+        todo = pending(store, run_id, items)
         plan, prefix_tokens = plan_items(record, [it.prompt for it in todo or items], params, n_parallel=n_parallel or recipe.parallel)
         if on_plan:
             on_plan(plan, prefix_tokens, len(todo))

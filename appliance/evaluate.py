@@ -18,6 +18,7 @@ from .metrics import classification_report, extraction_report, transform_report
 from .models import Registry
 from .runner import Item, execute, item_seeds, plan_items
 from .store import Store, insert_row, utcnow
+from .tasks import OUTPUT_MAX_TOKENS
 from .taskspec import output_grammar, parse_output, parse_task_spec, render_task_prompt, stop_strings
 
 
@@ -66,7 +67,7 @@ def evaluate(
         stops.update(stop_strings(task))
         items.append(Item(index=i, seed=seed, prompt=render_task_prompt(task, ex["instruction"]), grammar=output_grammar(task),
                           variables={"example_id": ex["id"], "task": task.name}))
-    max_tokens = max({"classify": 16, "extract": 160, "transform": 128}[spec.task(ex["task"]).kind] for ex in examples)
+    max_tokens = max(OUTPUT_MAX_TOKENS[spec.task(ex["task"]).kind] for ex in examples)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=sorted(stops))
     plan, prefix = plan_items(record, [it.prompt for it in items], params, n_parallel=n_parallel)
     if on_plan:

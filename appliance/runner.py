@@ -78,8 +78,25 @@ def plan_items(
     return plan, prefix_tokens
 
 
-def done_indexes(store: Store, run_id: int) -> set[int]:
-    return {r["item_index"] for r in store.rows("SELECT item_index FROM generations WHERE run_id = ?", [run_id])}
+def pending(store: Store, run_id: int | None, items: list[Item]) -> list[Item]:
+    """The items a run has not stored yet (all of them for a run not started), in one query."""
+    if run_id is None:
+        return list(items)
+    done = {r["item_index"] for r in store.rows("SELECT item_index FROM generations WHERE run_id = ?", [run_id])}
+    return [it for it in items if it.index not in done]
+
+
+def merge(executions: list[Execution]) -> Execution | None:
+    """Several executions of one run (e.g. its rounds) added up."""
+    if not executions:
+        return None
+    return Execution(
+        rows=sum(e.rows for e in executions),
+        tokens_out=sum(e.tokens_out for e in executions),
+        seconds=sum(e.seconds for e in executions),
+        write_seconds=sum(e.write_seconds for e in executions),
+        retries=[r for e in executions for r in e.retries],
+    )
 
 
 def execute(
@@ -97,7 +114,7 @@ def execute(
 ) -> Execution:
     """Generate every item the run has not stored yet. Marks the run interrupted (Ctrl-C, SIGTERM) or
     failed (with the reason) when it stops early; rows already written stay."""
-    todo = [it for it in items if it.index not in done_indexes(store, run_id)]
+    todo = pending(store, run_id, items)
     by_index = {it.index: it for it in items}
     writer = Writer(store.path)
     start = time.perf_counter()

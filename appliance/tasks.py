@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .datasets import RunSummary, _changes, summarize
+from .datasets import RunSummary, find_resumable, summarize
 from .engine import SamplingParams
 from .errors import ApplianceError
 from .export import Example, parse_split_spec, split_examples
 from .models import Registry
 from .quality import NearDuplicateIndex, Verdict
-from .runner import Item, done_indexes, execute, item_seeds, plan_items
+from .runner import Item, execute, item_seeds, merge, pending, plan_items
 from .store import Store, insert_row, utcnow
 from .taskspec import (
     INPUT_STOP,
@@ -47,6 +47,7 @@ from .taskspec import (
 )
 
 MAX_ROUNDS = 3
+OUTPUT_MAX_TOKENS = {"classify": 16, "extract": 160, "transform": 128}  # one answer of each kind, teacher and student
 OVERGENERATE = 1.5  # inputs asked per missing example: some are dropped as duplicates or low-agreement
 ROUND_STRIDE = 1_000_000
 OUTPUT_OFFSET = 500_000
@@ -65,7 +66,7 @@ def input_params(spec: Any) -> SamplingParams:
 
 def output_params(spec: Any, task: Task) -> SamplingParams:
     samples = spec.self_consistency.samples
-    defaults = {"temperature": 0.7 if samples > 1 else 0.0, "max_tokens": {"classify": 16, "extract": 128, "transform": 96}[task.kind],
+    defaults = {"temperature": 0.7 if samples > 1 else 0.0, "max_tokens": OUTPUT_MAX_TOKENS[task.kind],
                 "stop": stop_strings(task)}
     return _params(spec.sampling.outputs, defaults)
 
@@ -137,24 +138,11 @@ def _output_items(loaded: LoadedTaskSpec, round_no: int, inputs: list[tuple[int,
 
 
 def _find_run(store: Store, loaded: LoadedTaskSpec, resume: int | None, new_run: bool) -> tuple[int | None, bool]:
-    if new_run:
-        return None, False
-    if resume is not None:
-        rows = store.rows("SELECT * FROM runs WHERE id = ?", [resume])
-        if not rows:
-            raise ApplianceError(f"no run {resume} to resume (see `appliance runs`)")
-    else:
-        rows = store.rows("SELECT * FROM runs WHERE name = ? AND kind = 'task' ORDER BY id DESC LIMIT 1", [loaded.spec.name])
-        if not rows:
-            return None, False
-    run = rows[0]
-    if run["kind"] != "task":
-        raise ApplianceError(f"run {run['id']} is a {run['kind']} run, not a task run")
-    if run["recipe_sha256"] != loaded.sha256:
-        old = json.loads(run["config_json"] or "{}").get("spec", {})
-        changed = ", ".join(_changes(old, loaded.spec.model_dump(by_alias=True))) or "its text (comments or layout)"
-        raise ApplianceError(f"task spec changed since run {run['id']} ({changed}); use --new-run to start over")
-    return run["id"], run["status"] == "completed"
+    run = find_resumable(
+        store, name=loaded.spec.name, kinds=("task",), sha256=loaded.sha256,
+        config=("spec", loaded.spec.model_dump(by_alias=True)), what="task spec", resume=resume, new_run=new_run,
+    )
+    return (run["id"], run["status"] == "completed") if run else (None, False)
 
 
 def run_task_spec(
@@ -218,14 +206,7 @@ def run_task_spec(
     summary = summarize(store, run_id)
     summary.resumed = resumed
     summary.table_lines = _counts_table(store, run_id, goals())
-    if executions:
-        first = executions[0]
-        for ex in executions[1:]:
-            first.rows += ex.rows
-            first.tokens_out += ex.tokens_out
-            first.seconds += ex.seconds
-            first.write_seconds += ex.write_seconds
-        summary.execution = first
+    summary.execution = merge(executions)
     return summary
 
 
@@ -243,7 +224,7 @@ def _ensure_run(store, registry, record, loaded, run_id, items, n_parallel) -> i
 
 
 def _execute(store, record, run_id, items, params, n_parallel, on_plan, on_row, on_tokens):
-    todo = [it for it in items if it.index not in done_indexes(store, run_id)]
+    todo = pending(store, run_id, items)
     plan, prefix = plan_items(record, [it.prompt for it in todo or items], params, n_parallel=n_parallel)
     if on_plan and todo:
         on_plan(plan, prefix, len(todo))
