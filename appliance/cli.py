@@ -45,7 +45,7 @@ class ApplianceGroup(click.Group):
         except ApplianceError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted: rows written so far are kept; run the recipe again (or `appliance run --resume RUN_ID`) to continue", 130)
+            _fail("interrupted: rows written so far are kept (`appliance runs` shows each run's status)", 130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:  # a bug: still one line, with the way to see the traceback
@@ -90,8 +90,6 @@ def _registry(store):
 def cli(ctx: click.Context, db: Path) -> None:
     """Turn local GGUF models into training datasets, fully offline; every prompt and output is logged
     in one SQLite file you can query with sqlite-utils or Datasette."""
-    offline.install()
-    signal.signal(signal.SIGTERM, _terminate)
     ctx.obj = {"db": db}
 
 
@@ -333,13 +331,15 @@ def _print_plan(name: str, plan) -> None:
 @click.option("--parallel", "n_parallel", type=click.IntRange(min=1), help="Sequences decoded together (default: the plan's).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=1), help="Context size (default: what the prompts need).")
 @click.option("--gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), help="Layers on the GPU (-1: all).")
+@click.option("--mode", type=click.Choice(["auto", "chat", "completion"]), help="Prompt through the model's chat template (chat) or as plain text (completion); default: the file's, else auto.")
+@click.option("--chat-template", "chat_template", metavar="NAME|FILE", help="Chat template for GGUFs without one (or with a broken one): chatml, llama3, mistral, gemma, ... or a Jinja2 file.")
 @click.option("--json", "as_json", is_flag=True, help="Print each output as a JSON line.")
 @click.pass_context
-def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, variables: tuple[str, ...], temperature, top_p, max_tokens, seed, schema_file, n_parallel, n_ctx, n_gpu_layers, as_json: bool) -> None:
+def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, variables: tuple[str, ...], temperature, top_p, max_tokens, seed, schema_file, n_parallel, n_ctx, n_gpu_layers, mode, chat_template, as_json: bool) -> None:
     """Generate COUNT outputs from PROMPT_FILE with MODEL; each is logged to the database as it completes."""
     from .generate import GenerateOptions, generate
     from .schema import load_json_schema
-    from .progress import GenerationProgress
+    from .progress import GenerationProgress, json_row, text_row
     from .prompts import load_prompt, parse_var
 
     if count <= 0:
@@ -356,38 +356,17 @@ def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, 
         n_parallel=n_parallel,
         n_ctx=n_ctx,
         n_gpu_layers=n_gpu_layers,
+        mode=mode,
+        chat_template=chat_template,
     )
     store = _store(ctx)
     registry = _registry(store)
-    progress = GenerationProgress()
-
-    def on_plan(plan, prefix_tokens: int, n_items: int) -> None:
-        progress.start(
-            f"{plan.n_parallel} parallel, ctx {plan.n_ctx}, {plan.n_gpu_layers} GPU layers, "
-            f"{prefix_tokens} shared prompt tokens",
-            n_items,
-        )
-
-    def on_row(row: dict[str, Any]) -> None:
-        progress.advance(row["tokens_out"])
-        if as_json:
-            out = {k: row[k] for k in ("item_index", "seed", "output", "finish_reason", "tokens_in", "tokens_out", "ms")}
-            progress.print(json.dumps({"run_id": row["run_id"], **out}, ensure_ascii=False))
-        else:
-            progress.print(f"--- #{row['item_index'] + 1} seed {row['seed']} ({row['tokens_out']} tokens, {row['finish_reason']})")
-            progress.print(row["output"].strip("\n"))
-
-    try:
-        result = generate(
-            store, registry, prompt, model, opts, schema=schema, command=sys.argv[1:],
-            on_plan=on_plan, on_row=on_row, on_tokens=progress.tokens,
-        )
-    finally:
-        progress.stop()
+    with GenerationProgress(show=json_row if as_json else text_row) as progress:
+        result = generate(store, registry, prompt, model, opts, schema=schema, command=sys.argv[1:], events=progress)
     ex = result.execution
     rate = ex.tokens_out / ex.seconds if ex.seconds else 0.0
     click.echo(
-        f"run {result.run_id}: {ex.rows} outputs, {ex.tokens_out} tokens in {ex.seconds:.1f} s "
+        f"run {result.run_id} ({result.mode} mode): {ex.rows} outputs, {ex.tokens_out} tokens in {ex.seconds:.1f} s "
         f"({rate:.1f} tok/s) -> {store.path}",
         err=True,
     )
@@ -400,12 +379,14 @@ def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, 
 @click.option("--new-run", is_flag=True, help="Start a new run even if an unfinished one of this recipe exists.")
 @click.option("--parallel", "n_parallel", type=click.IntRange(min=1), help="Sequences decoded together (default: the plan's).")
 @click.option("--quiet", is_flag=True, help="Do not print outputs as they complete.")
+@click.option("--mode", type=click.Choice(["auto", "chat", "completion"]), help="Prompt through the model's chat template (chat) or as plain text (completion); default: the recipe's, else auto.")
+@click.option("--chat-template", "chat_template", metavar="NAME|FILE", help="Chat template for GGUFs without one (or with a broken one): chatml, llama3, mistral, gemma, ... or a Jinja2 file.")
 @click.pass_context
-def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, quiet: bool) -> None:
+def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, quiet: bool, mode, chat_template) -> None:
     """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented) or a task spec
     (`[[tasks]]`: data for small models). Re-running the file continues its unfinished run."""
     from .datasets import run_recipe
-    from .progress import GenerationProgress
+    from .progress import GenerationProgress, text_row
     from .recipe import is_task_spec, load_recipe
 
     if resume is not None and new_run:
@@ -419,25 +400,9 @@ def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: 
         runner = run_recipe
         loaded = load_recipe(recipe_file)
     store = _store(ctx)
-    progress = GenerationProgress()
-
-    def on_plan(plan, prefix_tokens: int, n_items: int) -> None:
-        progress.start(f"{plan.n_parallel} parallel, ctx {plan.n_ctx}, {prefix_tokens} shared prompt tokens", n_items)
-
-    def on_row(row: dict[str, Any]) -> None:
-        progress.advance(row["tokens_out"])
-        if not quiet:
-            progress.print(f"--- #{row['item_index'] + 1} ({row['tokens_out']} tokens, {row['finish_reason']})")
-            progress.print(row["output"].strip("\n"))
-
-    try:
-        summary = runner(
-            store, _registry(store), loaded, resume=resume, new_run=new_run, n_parallel=n_parallel,
-            on_plan=on_plan, on_row=on_row, on_tokens=progress.tokens,
-            on_warning=lambda m: click.echo(f"warning: {m}", err=True),
-        )
-    finally:
-        progress.stop()
+    with GenerationProgress(show=None if quiet else text_row) as progress:
+        summary = runner(store, _registry(store), loaded, resume=resume, new_run=new_run, n_parallel=n_parallel,
+                         mode=mode, chat_template=chat_template, events=progress)
     _print_summary(summary)
     if summary.kept == 0:
         raise ApplianceError(f"run {summary.run_id} {summary.why_nothing() or 'kept nothing'}")
@@ -451,7 +416,8 @@ def _print_summary(s) -> None:
     else:
         click.echo(f"run {s.run_id} ({how}): {s.generated}/{s.requested} generated, {s.kept} kept", err=True)
     if ex is not None and ex.seconds:
-        click.echo(f"  this session: {ex.rows} outputs, {ex.tokens_out} tokens, {ex.tokens_out / ex.seconds:.1f} tok/s", err=True)
+        click.echo(f"  this session: {ex.rows} outputs, {ex.tokens_out} tokens, {ex.tokens_out / ex.seconds:.1f} tok/s, "
+                   f"{s.model_loads} model load{'s' if s.model_loads != 1 else ''}", err=True)
     for name, n in sorted(s.dropped.items(), key=lambda kv: -kv[1]):
         click.echo(f"  dropped by {name}: {n} (e.g. {s.first_reasons[name]})", err=True)
     if s.echo:
@@ -489,9 +455,11 @@ def export_cmd(ctx: click.Context, run_id: int, fmt: str, out: Path, split: str 
 @click.option("--dataset", "dataset_run", type=int, required=True, metavar="RUN_ID", help="The task run whose held-out split to use.")
 @click.option("--split", default="test", show_default=True, help="Which split to evaluate on.")
 @click.option("--parallel", "n_parallel", type=click.IntRange(min=1), help="Sequences decoded together (default: the plan's).")
+@click.option("--mode", type=click.Choice(["auto", "chat", "completion"]), default="auto", show_default=True, help="Prompt the student through its chat template (chat) or as plain text; auto: chat when it has a template.")
+@click.option("--chat-template", "chat_template", metavar="NAME|FILE", help="Chat template for a student GGUF without one.")
 @click.option("--json", "as_json", is_flag=True, help="The metrics as one JSON object.")
 @click.pass_context
-def eval_cmd(ctx: click.Context, student: str, dataset_run: int, split: str, n_parallel: int | None, as_json: bool) -> None:
+def eval_cmd(ctx: click.Context, student: str, dataset_run: int, split: str, n_parallel: int | None, mode: str, chat_template, as_json: bool) -> None:
     """Run STUDENT (a GGUF) on a task run's held-out examples with the same prompt and constraints;
     report accuracy and per-label P/R/F1 (classify), JSON validity and per-field exact match (extract)."""
     from .evaluate import evaluate
@@ -499,15 +467,9 @@ def eval_cmd(ctx: click.Context, student: str, dataset_run: int, split: str, n_p
     from .progress import GenerationProgress
 
     store = _store(ctx)
-    progress = GenerationProgress()
-    try:
-        result = evaluate(
-            store, _registry(store), student, dataset_run, split, n_parallel=n_parallel,
-            on_plan=lambda plan, prefix, n: progress.start(f"evaluating {n} examples, {plan.n_parallel} parallel", n),
-            on_row=lambda row: progress.advance(row["tokens_out"]), on_tokens=progress.tokens,
-        )
-    finally:
-        progress.stop()
+    with GenerationProgress(describe="evaluating") as progress:
+        result = evaluate(store, _registry(store), student, dataset_run, split, n_parallel=n_parallel, mode=mode,
+                          chat_template=chat_template, events=progress)
     if as_json:
         click.echo(json.dumps({"eval_id": result.eval_id, "run_id": result.run_id, "n": result.n, "tasks": result.reports}, indent=2))
         return
@@ -588,6 +550,10 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 
 def main() -> None:
+    """The console entry point: the offline guard and the SIGTERM handler belong to the `appliance`
+    process, not to whoever imports the package or calls `cli` in-process (tests, notebooks)."""
+    offline.install()
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="appliance")
 
 

@@ -1,6 +1,6 @@
 """Dataset recipes: build a run's items, generate them (resumable), filter, and keep examples with lineage.
 
-Three kinds sit on the spectrum of DESIGN §5:
+Three kinds sit on a spectrum from model-reliant to source-reliant (docs/ARCHITECTURE.md):
 - synthetic: the prompt is rendered over combinations of the recipe's axes; each output is an example
   (instruction = the recipe's `instruction` template over the axes, output = the model's text);
 - annotated: sources are cut into chunks; the model writes the instruction that could have produced
@@ -19,7 +19,6 @@ import itertools
 import json
 import random
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,23 +26,22 @@ from typing import Any
 import jinja2.sandbox
 
 from .engine import Vocab
-from .errors import ApplianceError
+from .errors import ApplianceError, ResumeError
 from .generate import sampling_for
 from .models import Registry
 from .prompts import PromptFile, load_prompt
 from .quality import EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty, echo_metrics, summarize_echo
 from .recipe import LoadedRecipe, Recipe
-from .runner import Execution, Item, execute, item_seeds, pending, plan_items
+from .events import RunEvents
+from .prompting import PromptStyle, style_for
+from .runner import Execution, Item, item_seeds, pending
+from .session import RunSession
 from .schema import load_json_schema
 from .sources import chunk_text, read_sources
 from .store import Store, insert_row, utcnow
 
 PASSAGE_VAR = "passage"
 RECIPE_KINDS = ("synthetic", "annotated", "augmented")
-
-
-class ResumeError(ApplianceError):
-    """A run cannot be continued as asked."""
 
 
 # --------------------------------------------------------------------------------------------- items
@@ -93,7 +91,7 @@ def ingest_chunks(store: Store, loaded: LoadedRecipe, vocab: Vocab) -> tuple[lis
     return chunks, skipped
 
 
-def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str, Any]]) -> list[Item]:
+def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str, Any]], style: PromptStyle) -> list[Item]:
     """The run's items, fully determined by the recipe (and its sources): the same recipe gives the same
     items, which is what lets a run resume."""
     recipe = loaded.recipe
@@ -107,7 +105,7 @@ def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str,
     items = []
     for index, (values, seed, chunk_id) in enumerate(zip(assignments, item_seeds(recipe.seed, len(assignments)), chunk_ids)):
         variables = {**prompt.values_for_item(recipe.vars, seed), **values}
-        items.append(Item(index=index, seed=seed, prompt=prompt.render(variables), variables=variables, chunk_id=chunk_id))
+        items.append(style.item(prompt, variables, index=index, seed=seed, chunk_id=chunk_id))
     return items
 
 
@@ -229,6 +227,7 @@ class RunSummary:
     execution: Execution | None = None
     resumed: bool = False
     table_lines: list[str] = field(default_factory=list)  # per task/label counts of task runs
+    model_loads: int = 0  # model loads this session (1 for a run that generated anything)
 
     def why_nothing(self) -> str:
         if self.kept or not self.generated:
@@ -294,7 +293,8 @@ def find_resumable(
     return run
 
 
-def find_run(store: Store, loaded: LoadedRecipe, prompt: PromptFile, resume: int | None, new_run: bool) -> tuple[int | None, bool]:
+def find_run(store: Store, loaded: LoadedRecipe, prompt: PromptFile, resume: int | None, new_run: bool,
+             style: PromptStyle | None = None) -> tuple[int | None, bool]:
     """(run id to continue or None for a new run, whether it is already complete). Refuses to continue a
     run whose recipe or prompt changed, saying what changed."""
     run = find_resumable(
@@ -307,6 +307,8 @@ def find_run(store: Store, loaded: LoadedRecipe, prompt: PromptFile, resume: int
     prompt_row = store.rows("SELECT sha256 FROM prompts WHERE id = ?", [run["prompt_id"]])
     if prompt_row and prompt_row[0]["sha256"] != prompt.sha256:
         raise ResumeError(f"prompt {prompt.path} changed since run {run['id']}; use --new-run to start over")
+    if style is not None:
+        style.check_resume(run)
     return run["id"], run["status"] == "completed"
 
 
@@ -322,11 +324,11 @@ def run_recipe(
     resume: int | None = None,
     new_run: bool = False,
     n_parallel: int | None = None,
-    on_plan: Callable[[Any, int, int], None] | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
-    on_tokens: Callable[[int], None] | None = None,
-    on_warning: Callable[[str], None] | None = None,
+    mode: str | None = None,
+    chat_template: str | None = None,
+    events: RunEvents | None = None,
 ) -> RunSummary:
+    events = events or RunEvents()
     recipe = loaded.recipe
     prompt = load_prompt(loaded.resolve(recipe.prompt))
     if recipe.kind != "synthetic" and PASSAGE_VAR not in prompt.variables:
@@ -338,7 +340,9 @@ def run_recipe(
     schema = load_json_schema(loaded.resolve(recipe.schema_file)) if recipe.schema_file else None
     params = sampling_for(prompt, recipe.sampling.model_dump(exclude={"stop"}) | ({"stop": recipe.sampling.stop} if recipe.sampling.stop is not None else {}))
     record = registry.resolve(recipe.model)
-    run_id, complete = find_run(store, loaded, prompt, resume, new_run)
+    style = style_for(record, prompt=prompt, mode=mode or recipe.mode, chat_template=chat_template or recipe.chat_template,
+                      system=recipe.system)
+    run_id, complete = find_run(store, loaded, prompt, resume, new_run, style)
 
     chunks: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
@@ -346,42 +350,47 @@ def run_recipe(
         with Vocab(record.path) as vocab:
             chunks, skipped = ingest_chunks(store, loaded, vocab)
         for path, reason in skipped:
-            if on_warning:
-                on_warning(f"skipped source {path}: {reason}")
+            events.warning(f"skipped source {path}: {reason}")
         if not chunks:
             raise ApplianceError(f"the sources of {loaded.path} gave no chunks of text")
-    items = build_items(loaded, prompt, chunks)
+    items = build_items(loaded, prompt, chunks, style)
 
     execution = None
+    resumed = run_id is not None
     if not complete:
-        todo = pending(store, run_id, items)
-        plan, prefix_tokens = plan_items(record, [it.prompt for it in todo or items], params, n_parallel=n_parallel or recipe.parallel)
-        if on_plan:
-            on_plan(plan, prefix_tokens, len(todo))
-        prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
-        resumed = run_id is not None
-        if run_id is None:
-            run_id = store.start_run(
-                kind=recipe.kind, name=_run_name(loaded), recipe_sha256=loaded.sha256, model_id=record.id,
-                model_sha256=registry.ensure_sha256(record), prompt_id=prompt_id, requested=len(items),
-                variables=recipe.vars, params={**params.model_dump(), "seed": recipe.seed}, plan=plan.model_dump(),
-                schema=schema[0] if schema else None,
-                config={"recipe_path": loaded.path, "recipe": recipe.model_dump(by_alias=True)},
-            )
-            for path, reason in skipped:
-                store.event(run_id, "warning", f"skipped source {path}: {reason}")
-        execution = execute(store, record, plan, run_id, prompt_id, items, params,
-                            grammar=schema[1] if schema else None, on_row=on_row, on_tokens=on_tokens)
+        with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel) as session:
+            todo = pending(store, run_id, items)
+            session.prepare([([it.prompt for it in todo or items], params)])
+            prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
+            if run_id is None:
+                run_id = session.begin(
+                    kind=recipe.kind, name=_run_name(loaded), recipe_sha256=loaded.sha256, model_id=record.id,
+                    model_sha256=registry.ensure_sha256(record), prompt_id=prompt_id, requested=len(items),
+                    variables=recipe.vars, params={**params.model_dump(), "seed": recipe.seed},
+                    schema=schema[0] if schema else None,
+                    config={"recipe_path": loaded.path, "recipe": recipe.model_dump(by_alias=True)}, **style.run_fields(),
+                )
+                for path, reason in skipped:
+                    store.event(run_id, "warning", f"skipped source {path}: {reason}")
+            else:
+                session.attach(run_id)
+            session.resume_hint = f"continue with `appliance run {loaded.path} --resume {run_id}`"
+            execution = session.generate(items, params, prompt_id=prompt_id, grammar=schema[1] if schema else None)
+            _judge_run(store, run_id, recipe, chunks, schema)
+            session.complete()
+            loads = session.loads
     else:
-        resumed = True
+        _judge_run(store, run_id, recipe, chunks, schema)
+        loads = 0
+    summary = summarize(store, run_id)
+    summary.execution, summary.resumed, summary.model_loads = execution, resumed, loads
+    return summary
+
+
+def _judge_run(store: Store, run_id: int, recipe: Recipe, chunks: list[dict[str, Any]], schema: tuple[dict, Any] | None) -> None:
     gens = store.rows("SELECT * FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
     chunk_text_by_id = {c["id"]: c["text"] for c in chunks}
     store_judgement(store, run_id, recipe, judge(recipe, gens, chunk_text_by_id, schema[0] if schema else None))
-    store.finish_run(run_id, "completed")
-    summary = summarize(store, run_id)
-    summary.execution, summary.resumed = execution, resumed
-    return summary
-
 
 
 # -------------------------------------------------------------------------------------------- export

@@ -25,3 +25,7 @@ class PromptError(ApplianceError):
 
 class GenerationError(ApplianceError):
     """llama.cpp failed while loading or decoding."""
+
+
+class ResumeError(ApplianceError):
+    """A run cannot be continued as asked (its recipe, prompt, mode or chat template changed)."""

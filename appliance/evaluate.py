@@ -8,7 +8,6 @@ up results across students and datasets (e.g. before and after fine-tuning).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +15,14 @@ from .engine import SamplingParams
 from .errors import ApplianceError
 from .metrics import classification_report, extraction_report, transform_report
 from .models import Registry
-from .runner import Item, execute, item_seeds, plan_items
+from .events import RunEvents
+from .prompting import style_for
+from .runner import Item, item_seeds
+from .session import RunSession
 from .store import Store, insert_row, utcnow
-from .tasks import OUTPUT_MAX_TOKENS
-from .taskspec import output_grammar, parse_output, parse_task_spec, render_task_prompt, stop_strings
+from .taskprompts import parse_output, stop_strings
+from .tasks import OUTPUT_MAX_TOKENS, task_item
+from .taskspec import parse_task_spec
 
 
 @dataclass
@@ -39,9 +42,9 @@ def evaluate(
     split: str = "test",
     *,
     n_parallel: int | None = None,
-    on_plan: Callable[[Any, int, int], None] | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
-    on_tokens: Callable[[int], None] | None = None,
+    mode: str = "auto",
+    chat_template: str | None = None,
+    events: RunEvents | None = None,
 ) -> EvalResult:
     run = store.rows("SELECT * FROM runs WHERE id = ?", [dataset_run])
     if not run:
@@ -60,24 +63,40 @@ def evaluate(
     config = json.loads(run["config_json"])
     spec = parse_task_spec(config["spec"], f"run {dataset_run}")
     record = registry.resolve(student)
+    # The student is asked through its own chat template when it has one (it may differ from the teacher's).
+    style = style_for(record, mode=mode, chat_template=chat_template, fewshot=False)
 
-    items, stops = [], set()
+    items = []
     for i, (ex, seed) in enumerate(zip(examples, item_seeds(0, len(examples)))):
         task = spec.task(ex["task"])
-        stops.update(stop_strings(task))
-        items.append(Item(index=i, seed=seed, prompt=render_task_prompt(task, ex["instruction"]), grammar=output_grammar(task),
-                          variables={"example_id": ex["id"], "task": task.name}))
-    max_tokens = max(OUTPUT_MAX_TOKENS[spec.task(ex["task"]).kind] for ex in examples)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=sorted(stops))
-    plan, prefix = plan_items(record, [it.prompt for it in items], params, n_parallel=n_parallel)
-    if on_plan:
-        on_plan(plan, prefix, len(items))
-    run_id = store.start_run(
-        kind="eval", name=f"eval of {record.name} on run {dataset_run}/{split}", model_id=record.id,
-        model_sha256=registry.ensure_sha256(record), requested=len(items), params=params.model_dump(), plan=plan.model_dump(),
-        config={"dataset_run": dataset_run, "split": split, "student": record.name},
-    )
-    execute(store, record, plan, run_id, None, items, params, on_row=on_row, on_tokens=on_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_MAX_TOKENS[task.kind], stop=stop_strings(task))
+        items.append(task_item(task, ex["instruction"], style, index=i, seed=seed, params=params,
+                               variables={"example_id": ex["id"], "task": task.name}))
+    with RunSession(store, record, events=events, n_parallel=n_parallel) as session:
+        session.prepare(_by_task(items))
+        run_id = session.begin(
+            kind="eval", name=f"eval of {record.name} on run {dataset_run}/{split}", model_id=record.id,
+            model_sha256=registry.ensure_sha256(record), requested=len(items),
+            params={it.variables["task"]: it.params.model_dump() for it in items},
+            config={"dataset_run": dataset_run, "split": split, "student": record.name}, **style.run_fields(),
+        )
+        session.generate(items, items[0].params)
+        eval_id, reports, kinds = _score(store, spec, run_id, dataset_run, split, record.id, examples)
+        session.complete()
+    return EvalResult(eval_id, run_id, len(examples), reports, kinds)
+
+
+def _by_task(items: list[Item]) -> list[tuple[list[str], SamplingParams]]:
+    """Each task's prompts with its own settings: the workloads the eval's one plan must fit."""
+    tasks: dict[str, list[Item]] = {}
+    for it in items:
+        tasks.setdefault(it.variables["task"], []).append(it)
+    return [([it.prompt for it in group], group[0].params) for group in tasks.values()]
+
+
+def _score(store: Store, spec: Any, run_id: int, dataset_run: int, split: str, student_id: int,
+           examples: list[dict[str, Any]]) -> tuple[int, dict[str, dict[str, Any]], dict[str, str]]:
+    """Compare the eval run's outputs with the examples; store the metrics and one prediction per example."""
     gens = {g["item_index"]: g for g in store.rows("SELECT id, item_index, output FROM generations WHERE run_id = ?", [run_id])}
 
     per_task: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
@@ -100,12 +119,11 @@ def evaluate(
                          "valid": int(p is not None)})
     with store.transaction() as conn:
         eval_id = insert_row(conn, "evals", {
-            "run_id": run_id, "dataset_run_id": dataset_run, "student_model_id": record.id, "split": split,
+            "run_id": run_id, "dataset_run_id": dataset_run, "student_model_id": student_id, "split": split,
             "n": len(examples), "metrics_json": json.dumps(reports, sort_keys=True), "created_at": utcnow()})
         for row in rows:
             insert_row(conn, "predictions", {"eval_id": eval_id, **row})
-    store.finish_run(run_id, "completed")
-    return EvalResult(eval_id, run_id, len(examples), reports, kinds)
+    return eval_id, reports, kinds
 
 
 def _same(kind: str, predicted: str, expected: str) -> bool:

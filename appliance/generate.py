@@ -8,7 +8,6 @@ only then is a run row written and the model loaded.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,10 @@ from .engine import SamplingParams
 from .models import Registry
 from .planner import Plan
 from .prompts import PromptFile, VarValue
-from .runner import Execution, Item, execute, item_seeds, plan_items
+from .events import RunEvents
+from .prompting import style_for
+from .runner import Execution, item_seeds
+from .session import RunSession
 from .store import Store
 
 
@@ -32,6 +34,8 @@ class GenerateOptions(BaseModel):
     n_ctx: int | None = Field(None, gt=0)
     n_parallel: int | None = Field(None, gt=0)
     n_gpu_layers: int | None = Field(None, ge=-1)
+    mode: str | None = Field(None, pattern="^(auto|chat|completion)$")  # None: the prompt file's
+    chat_template: str | None = None  # a built-in template name or a file, for GGUFs without one
 
 
 def sampling_for(prompt: PromptFile, overrides: dict[str, Any]) -> SamplingParams:
@@ -50,6 +54,7 @@ class GenerateResult:
     run_id: int
     execution: Execution
     plan: Plan
+    mode: str = "completion"
 
 
 def generate(
@@ -59,44 +64,38 @@ def generate(
     model: str,
     opts: GenerateOptions,
     *,
-    schema: tuple[dict[str, Any], str] | None = None,
+    schema: tuple[dict[str, Any], Any] | None = None,
     command: list[str] | None = None,
-    on_plan: Callable[[Plan, int, int], None] | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
-    on_tokens: Callable[[int], None] | None = None,
+    events: RunEvents | None = None,
 ) -> GenerateResult:
     """Run one generate job to completion; every output is in the store when this returns."""
     base_seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
+    record = registry.resolve(model)
+    style = style_for(record, prompt=prompt, mode=opts.mode, chat_template=opts.chat_template)
     items = []
     for index, seed in enumerate(item_seeds(base_seed, opts.count)):
         values = prompt.values_for_item(opts.variables, seed)
-        items.append(Item(index=index, seed=seed, prompt=prompt.render(values), variables=values))
+        items.append(style.item(prompt, values, index=index, seed=seed))
     params = sampling_for(prompt, {"temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens})
 
-    record = registry.resolve(model)
-    plan, prefix_tokens = plan_items(
-        record, [it.prompt for it in items], params,
-        n_ctx=opts.n_ctx, n_parallel=opts.n_parallel, n_gpu_layers=opts.n_gpu_layers,
-    )
-    if on_plan:
-        on_plan(plan, prefix_tokens, len(items))
-
-    prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
-    run_id = store.start_run(
-        kind="generate",
-        model_id=record.id,
-        model_sha256=registry.ensure_sha256(record),
-        prompt_id=prompt_id,
-        requested=opts.count,
-        variables=opts.variables,
-        params={**params.model_dump(), "seed": base_seed},
-        plan=plan.model_dump(),
-        schema=schema[0] if schema else None,
-        config={"command": command, "options": opts.model_dump()},
-    )
-    execution = execute(
-        store, record, plan, run_id, prompt_id, items, params,
-        grammar=schema[1] if schema else None, on_row=on_row, on_tokens=on_tokens,
-    )
-    store.finish_run(run_id, "completed")
-    return GenerateResult(run_id, execution, plan)
+    with RunSession(store, record, events=events, n_parallel=opts.n_parallel, n_ctx=opts.n_ctx,
+                    n_gpu_layers=opts.n_gpu_layers) as session:
+        plan = session.prepare([([it.prompt for it in items], params)])
+        prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
+        run_id = session.begin(
+            kind="generate",
+            model_id=record.id,
+            model_sha256=registry.ensure_sha256(record),
+            prompt_id=prompt_id,
+            requested=opts.count,
+            variables=opts.variables,
+            params={**params.model_dump(), "seed": base_seed},
+            schema=schema[0] if schema else None,
+            config={"command": command, "options": opts.model_dump()},
+            **style.run_fields(),
+        )
+        session.resume_hint = (f"its outputs so far are kept in run {run_id}; a generate run is not resumed: "
+                               f"run the same `appliance generate` command again for more")
+        execution = session.generate(items, params, prompt_id=prompt_id, grammar=schema[1] if schema else None)
+        session.complete()
+    return GenerateResult(run_id, execution, plan, style.mode)

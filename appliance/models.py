@@ -107,6 +107,7 @@ class Registry:
             "key_length": info.key_length,
             "vocab_size": info.vocab_size,
             "info_json": to_json(info.model_dump()),
+            "chat_template_sha256": hashlib.sha256(info.chat_template.encode()).hexdigest() if info.chat_template else None,
         }
         # One IMMEDIATE transaction: two processes registering the same file cannot both insert it.
         with self.store.transaction() as conn:

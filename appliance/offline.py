@@ -7,9 +7,11 @@ allowed (local tools such as a llama.cpp server used for benchmarks live there).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import ApplianceError
@@ -92,3 +94,16 @@ def uninstall() -> None:
     socket.socket.connect_ex = _originals.pop("connect_ex")  # type: ignore[method-assign]
     socket.socket.sendto = _originals.pop("sendto")  # type: ignore[method-assign]
     socket.getaddrinfo = _originals.pop("getaddrinfo")  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def armed() -> Iterator[None]:
+    """The guard for the length of a `with` block: the Python API's calls when asked (`offline=True`);
+    left as it was found afterwards (still armed if it was)."""
+    was_armed = bool(_originals)
+    install()
+    try:
+        yield
+    finally:
+        if not was_armed:
+            uninstall()

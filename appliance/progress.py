@@ -1,17 +1,23 @@
-"""The progress bar for long generations: outputs done, completion tokens/s, ETA (terminal only).
+"""The CLI's view of a run: a progress bar (outputs done, completion tokens/s, ETA) and each output as text.
 
-Outputs go to stdout as they complete (above the bar on a terminal); the bar is drawn on stderr, only
-when stderr is a terminal.
+`GenerationProgress` is the CLI's `RunEvents`: every run kind reports to it the same way. Outputs go
+to stdout as they complete (above the bar on a terminal); the bar is drawn on stderr, only when stderr
+is a terminal. A run with several stages (task rounds, answers after inputs) grows the bar's total.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
+
+from .events import RunEvents
 
 
 class _TokensPerSecond(ProgressColumn):
@@ -23,23 +29,61 @@ class _TokensPerSecond(ProgressColumn):
         return Text(f"{self.owner.rate():6.1f} tok/s", style="progress.data.speed")
 
 
-class GenerationProgress:
-    def __init__(self) -> None:
+def text_row(row: dict[str, Any]) -> str:
+    """An output as `generate` and `run` print it: a header line, then the text."""
+    return (f"--- #{row['item_index']} seed {row['seed']} ({row['tokens_out']} tokens, {row['finish_reason']})\n"
+            + row["output"].strip("\n"))
+
+
+def json_row(row: dict[str, Any]) -> str:
+    out = {k: row[k] for k in ("run_id", "item_index", "seed", "output", "finish_reason", "tokens_in", "tokens_out", "ms")}
+    return json.dumps(out, ensure_ascii=False)
+
+
+class GenerationProgress(RunEvents):
+    def __init__(self, show: Callable[[dict[str, Any]], str] | None = None, describe: str = "generating") -> None:
+        self.show = show  # how to print each output (None: not at all)
+        self.describe = describe
         self.total = 0
         self.n_tokens = 0
         self.started = 0.0
         self.console = Console(file=sys.stderr)
         self.enabled = self.console.is_terminal
         self._progress: Progress | None = None
-        self._task = None
+        self._task: Any = None
 
+    # -- RunEvents ----------------------------------------------------------------------------
+    def planned(self, plan: Any, prefix_tokens: int, n_items: int) -> None:
+        note = (f"{n_items} items, {plan.n_parallel} parallel, ctx {plan.n_ctx}, {plan.n_gpu_layers} GPU layers, "
+                f"{prefix_tokens} shared prompt tokens")
+        if self._progress is None:
+            self.start(note, n_items)
+        else:
+            self.total += n_items
+            self._progress.update(self._task, total=self.total)
+
+    def row(self, row: dict[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+        if self.show is not None:
+            print(self.show(row), flush=True)
+
+    def tokens(self, n: int) -> None:
+        self.n_tokens += n
+        if self._progress is not None:
+            self._progress.refresh()
+
+    def warning(self, message: str) -> None:
+        self.console.print(f"warning: {message}", markup=False, highlight=False)
+
+    # -- the bar ------------------------------------------------------------------------------
     def start(self, description: str, total: int) -> None:
         self.total = total
         self.started = time.perf_counter()
         if not self.enabled:
             return
         self._progress = Progress(
-            TextColumn("[bold]generating"),
+            TextColumn(f"[bold]{self.describe}"),
             BarColumn(),
             MofNCompleteColumn(),
             _TokensPerSecond(self),
@@ -58,19 +102,13 @@ class GenerationProgress:
         elapsed = time.perf_counter() - self.started if self.started else 0.0
         return self.n_tokens / elapsed if elapsed > 0 else 0.0
 
-    def tokens(self, n: int) -> None:
-        self.n_tokens += n
-        if self._progress is not None:
-            self._progress.refresh()
-
-    def advance(self, _tokens_out: int) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
-
-    def print(self, text: str) -> None:
-        print(text, flush=True)
-
     def stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def __enter__(self) -> "GenerationProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

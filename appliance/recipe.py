@@ -93,7 +93,13 @@ class Recipe(_Strict):
     prompt: str
     count: int | None = Field(None, gt=0)
     seed: int = Field(0, ge=0)
-    system: str | None = Field(None, description="system prompt written into exported examples")
+    system: str | None = Field(
+        None, description="system prompt: the model's system message in chat mode, and written into exported examples"
+    )
+    mode: Literal["auto", "chat", "completion"] | None = Field(
+        None, description="how prompts reach the model (None: the prompt file's mode, which defaults to auto)"
+    )
+    chat_template: str | None = Field(None, description="a built-in template name or a file, for GGUFs without one")
     instruction: str | None = Field(
         None, description="synthetic: the instruction exported with each output (a Jinja2 template over the axes)"
     )

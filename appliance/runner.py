@@ -1,24 +1,18 @@
-"""Running items through the model: the one path every command that generates takes.
+"""Items: what a run asks the model for, one rendered prompt with its own seed, and the row each becomes.
 
-An item is one rendered prompt with its own seed. `plan_items` sizes the context for the items
-before anything is loaded; `execute` generates the items a run does not have yet (so a resumed run
-skips what is done), writes each row from the writer thread the moment it completes, and marks the
-run interrupted or failed, with the reason, when it stops early.
+An item's index and seed are fixed by its run's recipe, so a resumed run finds the items it has not
+stored yet (`pending`) and stores each one once (`item_key`). `appliance.session.RunSession`
+generates them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Completion, Engine, Request, SamplingParams, count_prompt_tokens
-from .hardware import detect_hardware
-from .models import ModelRecord
-from .planner import Plan, make_plan
-from .store import Store, Writer, to_json, utcnow
+from .engine import Completion, SamplingParams
+from .store import Store, to_json, utcnow
 
 
 @dataclass
@@ -28,7 +22,10 @@ class Item:
     prompt: str
     variables: dict[str, Any] = field(default_factory=dict)
     chunk_id: int | None = None
-    grammar: str | None = None  # constrains this item's output (else the run's grammar)
+    grammar: Any = None  # constrains this item's output (else the run's grammar)
+    params: SamplingParams | None = None  # this item's sampling settings (else the stage's)
+    messages: list[dict[str, str]] | None = None  # chat mode: the messages `prompt` was rendered from
+    add_bos: bool = True  # False when the rendered chat prompt already starts with the BOS text
 
 
 @dataclass
@@ -52,32 +49,6 @@ def item_key(run_id: int, index: int, seed: int) -> str:
     return hashlib.sha256(f"{run_id}:{index}:{seed}".encode()).hexdigest()[:32]
 
 
-def plan_items(
-    record: ModelRecord,
-    prompts: list[str],
-    params: SamplingParams,
-    *,
-    n_ctx: int | None = None,
-    n_parallel: int | None = None,
-    n_gpu_layers: int | None = None,
-) -> tuple[Plan, int]:
-    """The memory plan for generating these prompts (refused with PlanError before loading), and the
-    number of prompt tokens they share."""
-    prefix_tokens, suffix_tokens = count_prompt_tokens(record.path, prompts)
-    plan = make_plan(
-        record.info,
-        detect_hardware(),
-        n_ctx=n_ctx,
-        n_parallel=n_parallel,
-        n_gpu_layers=n_gpu_layers,
-        prefix_tokens=prefix_tokens,
-        seq_tokens=suffix_tokens + params.max_tokens,
-        max_parallel=len(prompts),
-    )
-    plan.require()
-    return plan, prefix_tokens
-
-
 def pending(store: Store, run_id: int | None, items: list[Item]) -> list[Item]:
     """The items a run has not stored yet (all of them for a run not started), in one query."""
     if run_id is None:
@@ -99,56 +70,7 @@ def merge(executions: list[Execution]) -> Execution | None:
     )
 
 
-def execute(
-    store: Store,
-    record: ModelRecord,
-    plan: Plan,
-    run_id: int,
-    prompt_id: int | None,
-    items: list[Item],
-    params: SamplingParams,
-    *,
-    grammar: str | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
-    on_tokens: Callable[[int], None] | None = None,
-) -> Execution:
-    """Generate every item the run has not stored yet. Marks the run interrupted (Ctrl-C, SIGTERM) or
-    failed (with the reason) when it stops early; rows already written stay."""
-    todo = pending(store, run_id, items)
-    by_index = {it.index: it for it in items}
-    writer = Writer(store.path)
-    start = time.perf_counter()
-    tokens = 0
-    retries: list[str] = []
-    store.update("runs", run_id, {"status": "running", "ended_at": None, "error": None})
-    try:
-        if todo:
-            with Engine(record.path, plan, grammar=grammar) as engine:
-                requests = [Request(key=it.index, prompt=it.prompt, seed=it.seed, grammar=it.grammar) for it in todo]
-                for done in engine.generate(requests, params, on_step=on_tokens):
-                    row = _row(run_id, prompt_id, by_index[done.key], done)
-                    writer.put(row)
-                    tokens += done.tokens_out
-                    if on_row:
-                        on_row(row)
-                retries = engine.stats.retries
-        stats = writer.close()
-    except KeyboardInterrupt:
-        writer.close()
-        store.finish_run(run_id, "interrupted", "stopped by a signal; resume with `appliance run --resume`")
-        raise
-    except BaseException as exc:
-        try:
-            writer.close()
-        finally:
-            store.finish_run(run_id, "failed", str(exc) or type(exc).__name__)
-        raise
-    for message in retries:
-        store.event(run_id, "warning", message)
-    return Execution(stats.rows, tokens, time.perf_counter() - start, stats.seconds, retries)
-
-
-def _row(run_id: int, prompt_id: int | None, item: Item, done: Completion) -> dict[str, Any]:
+def row_for(run_id: int, prompt_id: int | None, item: Item, done: Completion) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "item_key": item_key(run_id, item.index, item.seed),
@@ -164,5 +86,6 @@ def _row(run_id: int, prompt_id: int | None, item: Item, done: Completion) -> di
         "parallel": done.parallel,
         "chunk_id": item.chunk_id,
         "variables_json": to_json(item.variables) if item.variables else None,
+        "messages_json": to_json(item.messages) if item.messages is not None else None,
         "created_at": utcnow(),
     }

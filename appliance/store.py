@@ -258,10 +258,18 @@ def _m003_tasks(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m004_chat(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE generations ADD COLUMN messages_json TEXT")    # chat mode: the messages before the template
+    db.execute("ALTER TABLE runs ADD COLUMN mode TEXT")                    # chat | completion (how prompts reached the model)
+    db.execute("ALTER TABLE runs ADD COLUMN chat_template_sha256 TEXT")    # the template chat prompts were rendered with
+    db.execute("ALTER TABLE models ADD COLUMN chat_template_sha256 TEXT")  # the GGUF's own tokenizer.chat_template
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
     (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
     (3, "task data and student evaluations: example task/split/confidence, evals, predictions", _m003_tasks),
+    (4, "chat models: messages per generation, mode and template per run, template hash per model", _m004_chat),
 ]
 
 

@@ -18,33 +18,32 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .datasets import RunSummary, find_resumable, summarize
 from .engine import SamplingParams
 from .errors import ApplianceError
+from .events import RunEvents
 from .export import Example, parse_split_spec, split_examples
 from .models import Registry
+from .prompting import PromptStyle, style_for
 from .quality import NearDuplicateIndex, Verdict
-from .runner import Item, execute, item_seeds, merge, pending, plan_items
+from .runner import Item, item_seeds, merge
+from .session import RunSession, Workload
 from .store import Store, insert_row, utcnow
-from .taskspec import (
+from .taskprompts import (
     INPUT_STOP,
-    ClassifyTask,
     copied_scaffold,
-    LoadedTaskSpec,
-    Task,
-    label_targets,
     output_grammar,
     parse_input,
     parse_output,
     render_input_prompt,
     render_task_prompt,
     stop_strings,
-    task_targets,
+    task_messages,
 )
+from .taskspec import ClassifyTask, LoadedTaskSpec, Task, label_targets, task_targets
 
 MAX_ROUNDS = 3
 OUTPUT_MAX_TOKENS = {"classify": 16, "extract": 160, "transform": 128}  # one answer of each kind, teacher and student
@@ -89,7 +88,7 @@ class Answer:
 # ------------------------------------------------------------------------------------------ planning
 
 
-def _input_items(loaded: LoadedTaskSpec, round_no: int, deficits: dict[tuple[str, str | None], int]) -> list[Item]:
+def _input_items(loaded: LoadedTaskSpec, round_no: int, deficits: dict[tuple[str, str | None], int], style: PromptStyle) -> list[Item]:
     spec = loaded.spec
     items: list[Item] = []
     base = round_no * ROUND_STRIDE
@@ -109,39 +108,49 @@ def _input_items(loaded: LoadedTaskSpec, round_no: int, deficits: dict[tuple[str
                 confusable = task.confusable(label)
                 hard = rng.choice(confusable) if confusable else None
             prompt = render_input_prompt(task, label=label, axes_values=axes, edge_case=edge, hard_negative=hard, seed=seed,
-                                         prompt=loaded.input_prompts.get(task.name))
+                                         prompt=loaded.input_prompts.get(task.name), chat=style.chat)
             variables = {"phase": "input", "round": round_no, "task": task.name, "label": label, **axes}
             if edge:
                 variables["edge_case"] = edge
             if hard:
                 variables["hard_negative"] = hard
-            items.append(Item(index=index, seed=seed, prompt=prompt, variables=variables))
+            items.append(style.message_item(prompt, index=index, seed=seed, variables=variables))
     return items
 
 
-def _output_items(loaded: LoadedTaskSpec, round_no: int, inputs: list[tuple[int, Task, str]]) -> list[Item]:
-    """The k answers to each input; their indices follow from the input's, so no two tasks' answers collide."""
+def task_item(task: Task, text: str, style: PromptStyle, **fields: Any) -> Item:
+    """One request for `task`'s output on `text`, as the teacher and the student are both asked it:
+    the few-shot completion prompt, or its chat form; the grammar constrains only the answer."""
+    prompt = task_messages(task, text) if style.chat else render_task_prompt(task, text)
+    return style.message_item(prompt, grammar=output_grammar(task, chat=style.chat), **fields)
+
+
+def _output_items(loaded: LoadedTaskSpec, round_no: int, inputs: list[tuple[int, Task, str]], style: PromptStyle) -> list[Item]:
+    """The k answers to each input, all tasks together (so batches stay full across tasks); their indices
+    follow from the input's, so no two tasks' answers collide. The k answers of one input share its
+    prompt, which the engine decodes once."""
     spec = loaded.spec
     items = []
     base = round_no * ROUND_STRIDE
     for input_index, task, text in inputs:
-        prompt = render_task_prompt(task, text)
-        grammar = output_grammar(task)
+        params = output_params(spec, task)
         for k in range(spec.self_consistency.samples):
             index = base + OUTPUT_OFFSET + (input_index - base) * MAX_SAMPLES + k
-            items.append(Item(index=index, seed=item_seeds(spec.seed, 1, start=index)[0], prompt=prompt, grammar=grammar,
-                              variables={"phase": "output", "round": round_no, "task": task.name, "input_index": input_index, "sample": k}))
+            items.append(task_item(task, text, style, index=index, seed=item_seeds(spec.seed, 1, start=index)[0], params=params,
+                                   variables={"phase": "output", "round": round_no, "task": task.name, "input_index": input_index, "sample": k}))
     return items
 
 
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _find_run(store: Store, loaded: LoadedTaskSpec, resume: int | None, new_run: bool) -> tuple[int | None, bool]:
+def _find_run(store: Store, loaded: LoadedTaskSpec, resume: int | None, new_run: bool, style: PromptStyle) -> tuple[int | None, bool]:
     run = find_resumable(
         store, name=loaded.spec.name, kinds=("task",), sha256=loaded.sha256,
         config=("spec", loaded.spec.model_dump(by_alias=True)), what="task spec", resume=resume, new_run=new_run,
     )
+    if run:
+        style.check_resume(run)
     return (run["id"], run["status"] == "completed") if run else (None, False)
 
 
@@ -153,15 +162,16 @@ def run_task_spec(
     resume: int | None = None,
     new_run: bool = False,
     n_parallel: int | None = None,
-    on_plan: Callable[[Any, int, int], None] | None = None,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
-    on_tokens: Callable[[int], None] | None = None,
-    on_warning: Callable[[str], None] | None = None,
+    mode: str | None = None,
+    chat_template: str | None = None,
+    events: RunEvents | None = None,
 ) -> RunSummary:
     spec = loaded.spec
     ratios = parse_split_spec(spec.split)
     record = registry.resolve(spec.model)
-    run_id, complete = _find_run(store, loaded, resume, new_run)
+    # The built-in task prompts come in both forms, so auto means chat whenever a template is there.
+    style = style_for(record, mode=mode or spec.mode, chat_template=chat_template or spec.chat_template, fewshot=False)
+    run_id, complete = _find_run(store, loaded, resume, new_run, style)
     resumed = run_id is not None
     targets = task_targets(spec)
     label_goal = {t.name: label_targets(t, targets[t.name]) for t in spec.tasks if t.kind == "classify"}
@@ -175,60 +185,66 @@ def run_task_spec(
                 out[(task.name, None)] = targets[task.name]
         return out
 
+    if complete:
+        assert run_id is not None
+        _judge_and_store(store, run_id, loaded, _rebuild(store, run_id, loaded, style), goals(), ratios)
+        summary = summarize(store, run_id)
+        summary.resumed, summary.table_lines = True, _counts_table(store, run_id, goals())
+        return summary
+
     answers: list[Answer] = []
     executions = []
-    if not complete:
+    with RunSession(store, record, events=events, n_parallel=n_parallel) as session:
         for round_no in range(MAX_ROUNDS):
             have = _kept_counts(answers, spec)
             deficits = {key: goal - have.get(key, 0) for key, goal in goals().items() if goal - have.get(key, 0) > 0}
             if not deficits:
                 break
-            items = _input_items(loaded, round_no, deficits)
-            run_id = _ensure_run(store, registry, record, loaded, run_id, items, n_parallel)
-            executions.append(_execute(store, record, run_id, items, input_params(spec), n_parallel, on_plan, on_row, on_tokens))
-            inputs = _new_inputs(store, run_id, items, spec, answers)
-            for task in spec.tasks:
-                batch = _output_items(loaded, round_no, [(i, t, x) for i, t, x in inputs if t.name == task.name])
-                if batch:
-                    executions.append(_execute(store, record, run_id, batch, output_params(spec, task), n_parallel, on_plan, on_row, on_tokens))
-            answers += _collect(store, run_id, loaded, round_no, inputs)
-    else:
-        answers = _rebuild(store, run_id, loaded)
-    if run_id is None:
-        raise ApplianceError("the task spec produced no items")
-    _judge_and_store(store, run_id, loaded, answers, goals(), ratios)
-    short = _shortfalls(store, run_id, spec, goals())
-    for message in short:
-        store.event(run_id, "warning", message)
-        if on_warning:
-            on_warning(message)
-    store.finish_run(run_id, "completed")
+            items = _input_items(loaded, round_no, deficits, style)
+            if session.run_id is None:
+                session.prepare(_workloads(loaded, items, style))
+                if run_id is None:
+                    run_id = session.begin(
+                        kind="task", name=spec.name, recipe_sha256=loaded.sha256, model_id=record.id,
+                        model_sha256=registry.ensure_sha256(record), requested=spec.count,
+                        params={"inputs": input_params(spec).model_dump(), "seed": spec.seed},
+                        config={"spec_path": loaded.path, "spec": spec.model_dump(by_alias=True)}, **style.run_fields(),
+                    )
+                else:
+                    session.attach(run_id)
+                session.resume_hint = f"continue with `appliance run {loaded.path} --resume {run_id}`"
+            executions.append(session.generate(items, input_params(spec)))
+            inputs = _new_inputs(store, session.run_id, items, spec, answers)
+            batch = _output_items(loaded, round_no, inputs, style)
+            if batch:
+                executions.append(session.generate(batch, batch[0].params or input_params(spec)))
+            answers += _collect(store, session.run_id, loaded, round_no, inputs)
+        if session.run_id is None:
+            raise ApplianceError("the task spec produced no items")
+        run_id = session.run_id
+        _judge_and_store(store, run_id, loaded, answers, goals(), ratios)
+        for message in _shortfalls(store, run_id, spec, goals()):
+            session.event("warning", message)
+        session.complete()
+        loads = session.loads
     summary = summarize(store, run_id)
     summary.resumed = resumed
     summary.table_lines = _counts_table(store, run_id, goals())
     summary.execution = merge(executions)
+    summary.model_loads = loads
     return summary
 
 
-def _ensure_run(store, registry, record, loaded, run_id, items, n_parallel) -> int:
-    if run_id is not None:
-        return run_id
-    params = input_params(loaded.spec)
-    plan, _ = plan_items(record, [it.prompt for it in items], params, n_parallel=n_parallel)
-    return store.start_run(
-        kind="task", name=loaded.spec.name, recipe_sha256=loaded.sha256, model_id=record.id,
-        model_sha256=registry.ensure_sha256(record), requested=loaded.spec.count,
-        params={"inputs": params.model_dump(), "seed": loaded.spec.seed}, plan=plan.model_dump(),
-        config={"spec_path": loaded.path, "spec": loaded.spec.model_dump(by_alias=True)},
-    )
-
-
-def _execute(store, record, run_id, items, params, n_parallel, on_plan, on_row, on_tokens):
-    todo = pending(store, run_id, items)
-    plan, prefix = plan_items(record, [it.prompt for it in todo or items], params, n_parallel=n_parallel)
-    if on_plan and todo:
-        on_plan(plan, prefix, len(todo))
-    return execute(store, record, plan, run_id, None, items, params, on_row=on_row, on_tokens=on_tokens)
+def _workloads(loaded: LoadedTaskSpec, inputs: list[Item], style: PromptStyle) -> list[Workload]:
+    """What the run will ask, for one plan that fits every stage: the input prompts, and each task's answer
+    prompt around an input as long as an input may be (the inputs' max_tokens in words)."""
+    spec = loaded.spec
+    n = input_params(spec).max_tokens
+    long_inputs = [" ".join([word] * n) for word in ("one", "two")]  # two, so only the few-shot part is shared
+    out: list[Workload] = [([it.prompt for it in inputs], input_params(spec))]
+    for task in spec.tasks:
+        out.append(([task_item(task, text, style, index=0, seed=0).prompt for text in long_inputs], output_params(spec, task)))
+    return out
 
 
 def _new_inputs(store: Store, run_id: int, items: list[Item], spec, answers: list[Answer]) -> list[tuple[int, Task, str]]:
@@ -280,7 +296,7 @@ def _collect(store: Store, run_id: int, loaded: LoadedTaskSpec, round_no: int, i
     return out
 
 
-def _rebuild(store: Store, run_id: int, loaded: LoadedTaskSpec) -> list[Answer]:
+def _rebuild(store: Store, run_id: int, loaded: LoadedTaskSpec, style: PromptStyle | None = None) -> list[Answer]:
     """The answers of a completed run, from its stored generations (for re-judging without generating)."""
     spec = loaded.spec
     rows = store.rows("SELECT item_index, output, variables_json FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])

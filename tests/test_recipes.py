@@ -11,8 +11,10 @@ import pytest
 import sqlite_utils
 
 from appliance.datasets import run_recipe
+from appliance.events import RunEvents
 from appliance.models import Registry
 from appliance.recipe import load_recipe
+from appliance.session import Interrupted
 from appliance.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,15 +105,17 @@ def test_interrupted_run_resumes_to_exactly_n_items(workdir, recipes):
     store = Store(workdir / "appliance.db")
     seen = []
 
-    def stop_after_three(row):
-        seen.append(row["item_index"])
-        if len(seen) == 3:
-            raise KeyboardInterrupt
+    class StopAfterThree(RunEvents):
+        def row(self, row):
+            seen.append(row["item_index"])
+            if len(seen) == 3:
+                raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(store, Registry(store), loaded, n_parallel=2, on_row=stop_after_three)
+    with pytest.raises(Interrupted, match=r"--resume \d+"):
+        run_recipe(store, Registry(store), loaded, n_parallel=2, events=StopAfterThree())
     run = store.rows("select * from runs")[0]
     assert run["status"] == "interrupted"
+    assert f"appliance run {loaded.path} --resume {run['id']}" in run["error"]
     stored = store.rows("select count(*) n from generations")[0]["n"]
     assert 3 <= stored < 8
     summary = run_recipe(store, Registry(store), loaded, n_parallel=2)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from appliance.taskspec import load_task_spec, parse_output
+from appliance.taskprompts import parse_output
+from appliance.taskspec import load_task_spec
 
 REPO = Path(__file__).resolve().parent.parent
 

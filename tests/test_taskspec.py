@@ -16,25 +16,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.prompts import parse_prompt
+from appliance.taskprompts import (
+    copied_scaffold,
+    format_output,
+    grammar_parses,
+    output_grammar,
+    output_schema,
+    parse_input,
+    parse_output,
+    render_input_prompt,
+    render_task_prompt,
+    stop_strings,
+)
 from appliance.taskspec import (
     INPUT_PROMPT_VARIABLES,
     Balance,
     ClassifyTask,
     TaskSpec,
     TaskSpecError,
-    copied_scaffold,
-    format_output,
-    grammar_parses,
     label_targets,
     load_task_spec,
-    output_grammar,
-    output_schema,
-    parse_input,
-    parse_output,
     parse_task_spec,
-    render_input_prompt,
-    render_task_prompt,
-    stop_strings,
     task_targets,
 )
 
