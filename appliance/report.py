@@ -160,8 +160,8 @@ def plot_lengths(panels: dict[str, tuple[dict[str, dict[str | None, list[int]]],
                            label="dropped", linewidths=1)
             kept = [v for values in groups.get(name, {}).values() for v in values]
             if kept:
-                ax.plot([np.median(kept)] * 2, [y - 0.32, y + 0.32], color="black", linewidth=1.5,
-                        label="median of kept")
+                ax.plot([np.median(kept)] * 2, [y - 0.32, y + 0.32], color="#333333", linewidth=1.2,
+                        label="median of kept", zorder=0.9)
         ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
         ax.set_ylim(-0.6, len(names) - 0.4)
         ax.invert_yaxis()
