@@ -140,7 +140,7 @@ def _svg(fig: Any, prefix: str) -> str:
     return text.replace("<svg ", '<svg role="img" ', 1)
 
 
-def plot_lengths(panels: dict[str, tuple[dict[str, dict[str | None, list[int]]], dict[str, list[int]]]]) -> Any:
+def plot_lengths(panels: dict[str, tuple[dict[str, dict[str | None, list[int]]], dict[str, list[int]]]], kept_label: str = "kept") -> Any:
     """One panel per measure (title -> (kept values per row and split, dropped values per row)), one row
     per label: each kept example a dot coloured by its split, dropped ones orange crosses."""
     import numpy as np
@@ -153,7 +153,7 @@ def plot_lengths(panels: dict[str, tuple[dict[str, dict[str | None, list[int]]],
         for y, name in enumerate(names):
             for split, values in sorted(groups.get(name, {}).items(), key=lambda kv: kv[0] or ""):
                 ax.scatter(values, y + rng.uniform(-0.2, 0.2, len(values)), s=18, color=SPLIT_COLORS.get(split, KEPT),
-                           alpha=0.8, label=split or "kept", linewidths=0)
+                           alpha=0.8, label=split or kept_label, linewidths=0)
             if dropped.get(name):
                 values = dropped[name]
                 ax.scatter(values, y + rng.uniform(-0.2, 0.2, len(values)), s=18, marker="x", color=DROPPED, alpha=0.8,
@@ -161,7 +161,7 @@ def plot_lengths(panels: dict[str, tuple[dict[str, dict[str | None, list[int]]],
             kept = [v for values in groups.get(name, {}).values() for v in values]
             if kept:
                 ax.plot([np.median(kept)] * 2, [y - 0.32, y + 0.32], color="#333333", linewidth=1.2,
-                        label="median of kept", zorder=0.9)
+                        label=f"median of {kept_label}", zorder=0.9)
         ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
         ax.set_ylim(-0.6, len(names) - 0.4)
         ax.invert_yaxis()
@@ -171,7 +171,7 @@ def plot_lengths(panels: dict[str, tuple[dict[str, dict[str | None, list[int]]],
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    order = [k for k in ("train", "validation", "test", "kept", "dropped", "median of kept") if k in handles]
+    order = [k for k in ("train", "validation", "test", kept_label, "dropped", f"median of {kept_label}") if k in handles]
     fig.legend([handles[k] for k in order], order, loc="outside upper right", ncols=6, fontsize="small", frameon=False)
     return fig
 
@@ -394,7 +394,7 @@ class _Builder:
             groups = {}
             for g in self.gens:
                 groups.setdefault(g["finish_reason"], {}).setdefault(None, []).append(g["tokens_out"])
-            self.add("Output length per finish reason", plot_lengths({"output length (tokens)": (groups, {})}),
+            self.add("Output length per finish reason", plot_lengths({"output length (tokens)": (groups, {})}, kept_label="outputs"),
                      "Tokens in each output; 'length' means it reached max_tokens and was cut.")
 
     def drops(self) -> None:
