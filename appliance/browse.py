@@ -96,7 +96,8 @@ def bind(port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise BrowseError(f"port {port} on {HOST} is already in use (another `appliance browse`?); choose one with --port") from None
+            raise BrowseError(f"port {port} on {HOST} is already in use (another `appliance browse`?); "
+                              "choose one with --port") from None
         raise BrowseError(f"cannot listen on {HOST}:{port}: {exc.strerror}") from None
     sock.listen(128)
     sock.set_inheritable(True)

@@ -140,7 +140,10 @@ def _svg(fig: Any, prefix: str) -> str:
     return text.replace("<svg ", '<svg role="img" ', 1)
 
 
-def plot_lengths(panels: dict[str, tuple[dict[str, dict[str | None, list[int]]], dict[str, list[int]]]], kept_label: str = "kept") -> Any:
+Panel = tuple[dict[str, dict[str | None, list[int]]], dict[str, list[int]]]
+
+
+def plot_lengths(panels: dict[str, Panel], kept_label: str = "kept") -> Any:
     """One panel per measure (title -> (kept values per row and split, dropped values per row)), one row
     per label: each kept example a dot coloured by its split, dropped ones orange crosses."""
     import numpy as np
@@ -357,7 +360,8 @@ class _Builder:
             "SELECT e.*, g.output AS raw_output, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "
             "WHERE e.run_id = ? ORDER BY g.item_index, e.id", [run_id])
         self.failed: dict[int, list[dict[str, Any]]] = {}
-        for v in store.rows("SELECT generation_id, filter, reason FROM verdicts WHERE run_id = ? AND passed = 0 ORDER BY id", [run_id]):
+        verdicts = "SELECT generation_id, filter, reason FROM verdicts WHERE run_id = ? AND passed = 0 ORDER BY id"
+        for v in store.rows(verdicts, [run_id]):
             self.failed.setdefault(v["generation_id"], []).append(v)
         self.plots: list[Plot] = []
         self.tables: list[tuple[str, list[str], list[list[str]]]] = []
@@ -374,7 +378,7 @@ class _Builder:
             measures = {"output length (words)": "output"}
             if kind == "task":  # a label is one word: the inputs are where lengths vary
                 measures = {"input length (words)": "instruction", **measures}
-            panels: dict[str, tuple[dict[str, dict[str | None, list[int]]], dict[str, list[int]]]] = {}
+            panels: dict[str, Panel] = {}
             for title, column in measures.items():
                 groups: dict[str, dict[str | None, list[int]]] = {}
                 dropped: dict[str, list[int]] = {}
@@ -387,9 +391,10 @@ class _Builder:
                         dropped.setdefault(name, []).append(n)
                 panels[title] = (groups, dropped)
             what = "per label and split" if kind == "task" else "of kept and dropped examples"
+            measured = "input and output (the label or JSON the teacher agreed on)" if kind == "task" else "output"
             self.add(f"Length {what}", plot_lengths(panels),
-                     "Words in each example's " + ("input and output (the label or JSON the teacher agreed on)" if kind == "task" else "output")
-                     + "; dots are kept examples, coloured by split where the run assigned one; crosses are dropped ones.")
+                     f"Words in each example's {measured}; dots are kept examples, coloured by split where the run assigned one; "
+                     "crosses are dropped ones.")
         elif self.gens:
             groups = {}
             for g in self.gens:
@@ -475,7 +480,8 @@ class _Builder:
                 if "labels" in m:
                     per_task.setdefault(f"{task}: F1 per label", {})[who] = {k: v["f1"] for k, v in m["labels"].items()}
                 elif "fields" in m:
-                    per_task.setdefault(f"{task}: exact match per field", {})[who] = {k: v["exact_match"] for k, v in m["fields"].items()}
+                    fields = {k: v["exact_match"] for k, v in m["fields"].items()}
+                    per_task.setdefault(f"{task}: exact match per field", {})[who] = fields
         self.tables.append(("Evaluations" if self.run["kind"] == "task" else "Scores",
                             ["eval", "student", "split", "n", "task", "scores"], rows))
         for title, series in per_task.items():
@@ -521,7 +527,8 @@ class _Builder:
         if e["input"]:
             fields.append(("input", _clip(e["input"])))
         fields.append(("output", _clip(e["output"])))
-        if not e["kept"] and self.run["kind"] in ("augmented", "synthetic") and e["raw_output"].strip() != (e["output"] or "").strip():
+        rewritten = e["raw_output"].strip() != (e["output"] or "").strip()  # e.g. an answer parsed out of the output
+        if not e["kept"] and self.run["kind"] in ("augmented", "synthetic") and rewritten:
             fields.append(("the model wrote", _clip(e["raw_output"])))
         reasons = [f"{v['filter']}: {v['reason']}" for v in self.failed.get(e["generation_id"], [])]
         return Sample(", ".join(bits), fields, reasons)
@@ -534,7 +541,8 @@ class _Builder:
         def sample(p: dict[str, Any]) -> Sample:
             state = "right" if p["correct"] else ("wrong" if p["valid"] else "invalid output")
             return Sample(f"example {p['example_id']}, {p['task']}, {state}",
-                          [("input", _clip(p["instruction"])), ("expected", _clip(p["expected"])), ("predicted", _clip(p["predicted"]))])
+                          [("input", _clip(p["instruction"])), ("expected", _clip(p["expected"])),
+                           ("predicted", _clip(p["predicted"]))])
 
         right = [sample(p) for p in _spread([p for p in rows if p["correct"]], SAMPLES)]
         wrong = [sample(p) for p in _spread([p for p in rows if not p["correct"]], SAMPLES)]
@@ -552,7 +560,8 @@ class _Builder:
             out.append(("made from", str(source)))
         if r["kind"] == "eval":
             out.append(("dataset", f"run {self.config.get('dataset_run')}, split {self.config.get('split')}"))
-        out.append(("outputs", f"{len(self.gens)} generated ({r['requested']} {'examples' if r['kind'] == 'task' else 'items'} requested)"))
+        unit = "examples" if r["kind"] == "task" else "items"
+        out.append(("outputs", f"{len(self.gens)} generated ({r['requested']} {unit} requested)"))
         if r["kind"] in DATASET_KINDS:
             out.append(("examples", f"{kept} kept, {len(self.examples) - kept} dropped"))
         out.append(("tokens out", str(sum(g["tokens_out"] for g in self.gens))))
@@ -581,7 +590,8 @@ class _Builder:
         kept, dropped, kept_title, dropped_title = self.samples()
         events = [f"{e['level']}: {e['message']}" for e in self.store.rows(
             "SELECT level, message FROM run_events WHERE run_id = ? ORDER BY id", [self.run_id])]
-        return Report(self.run, self.facts(), self.notice(), events, self.plots, self.tables, kept, dropped, kept_title, dropped_title)
+        return Report(self.run, self.facts(), self.notice(), events, self.plots, self.tables, kept, dropped,
+                      kept_title, dropped_title)
 
 
 def build_report(store: Store, run_id: int) -> Report:
