@@ -148,7 +148,7 @@ def plot_lengths(panels: dict[str, Panel], kept_label: str = "kept") -> Any:
     per label: each kept example a dot coloured by its split, dropped ones orange crosses."""
     import numpy as np
 
-    names = list(dict.fromkeys(n for groups, dropped in panels.values() for n in [*groups, *dropped]))
+    names = sorted({n for groups, dropped in panels.values() for n in [*groups, *dropped]})
     fig, axes = _figure(1.3 + 0.38 * len(names), ncols=len(panels))
     axes = list(axes) if len(panels) > 1 else [axes]
     rng = np.random.default_rng(0)
