@@ -431,6 +431,7 @@ def _print_summary(s) -> None:
         click.echo(f"  skipped source {path}: {reason}", err=True)
     for line in s.table_lines:
         click.echo(f"  {line}", err=True)
+    click.echo(f"  {_hint(s.run_id)}", err=True)
 
 
 @cli.command("export")
@@ -547,6 +548,43 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
             )
     if not rows and not as_json:
         click.echo("no runs yet", err=True)
+    elif not as_json:
+        click.echo(_hint(), err=True)
+
+
+def _hint(run_id: int | str = "RUN_ID") -> str:
+    from .report import hint
+
+    return hint(run_id)
+
+
+# ------------------------------------------------------------------------------------- see the data
+@cli.command("browse")
+@click.option("--port", type=click.IntRange(0, 65535), default=8001, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--open", "open_browser", is_flag=True, help="Open it in the default web browser.")
+@click.pass_context
+def browse_cmd(ctx: click.Context, port: int, open_browser: bool) -> None:
+    """Browse the database in Datasette: read-only, on 127.0.0.1 only, offline, with table descriptions,
+    facets and canned queries (runs, drops per filter, label balance, evaluations, output search)."""
+    from .browse import serve
+
+    db = Path(ctx.obj["db"])
+    serve(db, port, open_browser, on_ready=lambda url: click.echo(f"serving {db} read-only at {url} (Ctrl-C stops)", err=True))
+
+
+@cli.command("report")
+@click.argument("run_id", type=int)
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="The HTML file to write.")
+@click.pass_context
+def report_cmd(ctx: click.Context, run_id: int, out: Path) -> None:
+    """Write one self-contained HTML page about RUN_ID: plots (lengths, drops per filter, label balance,
+    echo and grounding measures, speed, student scores) and kept and dropped examples with reasons."""
+    from .report import write_report
+
+    report = write_report(_store(ctx, readonly=True), run_id, out)
+    click.echo(f"run {run_id}: {len(report.plots)} plots, {len(report.kept) + len(report.dropped)} samples -> {out}")
+    if report.notice:
+        click.echo(report.notice, err=True)
 
 
 def main() -> None:
