@@ -27,7 +27,7 @@ from typing import Any
 import jinja2.sandbox
 
 from .engine import Vocab
-from .errors import ApplianceError
+from .errors import ApplianceError, with_article
 from .generate import sampling_for
 from .models import Registry
 from .prompts import PromptFile, load_prompt
@@ -227,7 +227,8 @@ class RunSummary:
     echo: dict[str, Any] | None
     skipped_sources: list[tuple[str, str]]
     execution: Execution | None = None
-    resumed: bool = False
+    resumed: bool = False  # an unfinished run was continued
+    already_complete: bool = False  # the run found was complete: nothing was generated or resumed
     table_lines: list[str] = field(default_factory=list)  # per task/label counts of task runs
 
     def why_nothing(self) -> str:
@@ -285,7 +286,7 @@ def find_resumable(
             return None
     run = rows[0]
     if run["kind"] not in kinds:
-        raise ResumeError(f"run {run['id']} is a {run['kind']} run, not a {what} run")
+        raise ResumeError(f"run {run['id']} is {with_article(run['kind'])} run, not {with_article(what)} run")
     if run["recipe_sha256"] != sha256:
         key, new = config
         changed = _changes(json.loads(run["config_json"] or "{}").get(key, {}), new)
@@ -373,13 +374,13 @@ def run_recipe(
         execution = execute(store, record, plan, run_id, prompt_id, items, params,
                             grammar=schema[1] if schema else None, on_row=on_row, on_tokens=on_tokens)
     else:
-        resumed = True
+        resumed = False
     gens = store.rows("SELECT * FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
     chunk_text_by_id = {c["id"]: c["text"] for c in chunks}
     store_judgement(store, run_id, recipe, judge(recipe, gens, chunk_text_by_id, schema[0] if schema else None))
     store.finish_run(run_id, "completed")
     summary = summarize(store, run_id)
-    summary.execution, summary.resumed = execution, resumed
+    summary.execution, summary.resumed, summary.already_complete = execution, resumed, complete
     return summary
 
 
@@ -405,7 +406,7 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
         raise ExportError(f"cannot write {out}: folder {out.parent} does not exist")
     summary = summarize(store, run_id)
     if summary.kind in ("generate", "eval"):
-        raise ExportError(f"run {run_id} is a {summary.kind} run with no dataset examples; export recipe and task runs "
+        raise ExportError(f"run {run_id} is {with_article(summary.kind)} run with no dataset examples; export recipe and task runs "
                           f"(`appliance logs --run {run_id} --json` lists its outputs)")
     rows = store.rows(
         "SELECT e.*, g.seed, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "

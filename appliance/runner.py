@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Completion, Engine, Request, SamplingParams, count_prompt_tokens
+from .errors import RunInterrupted
 from .hardware import detect_hardware
+from .logs import interrupted_message
 from .models import ModelRecord
 from .planner import Plan, make_plan
 from .store import Store, Writer, to_json, utcnow
@@ -135,8 +137,8 @@ def execute(
         stats = writer.close()
     except KeyboardInterrupt:
         writer.close()
-        store.finish_run(run_id, "interrupted", "stopped by a signal; resume with `appliance run --resume`")
-        raise
+        store.finish_run(run_id, "interrupted", "stopped by a signal")  # `runs` shows how to continue it
+        raise RunInterrupted(run_id, interrupted_message(store, run_id)) from None
     except BaseException as exc:
         try:
             writer.close()

@@ -162,7 +162,7 @@ def run_task_spec(
     ratios = parse_split_spec(spec.split)
     record = registry.resolve(spec.model)
     run_id, complete = _find_run(store, loaded, resume, new_run)
-    resumed = run_id is not None
+    resumed = run_id is not None and not complete
     targets = task_targets(spec)
     label_goal = {t.name: label_targets(t, targets[t.name]) for t in spec.tasks if t.kind == "classify"}
 
@@ -204,7 +204,7 @@ def run_task_spec(
             on_warning(message)
     store.finish_run(run_id, "completed")
     summary = summarize(store, run_id)
-    summary.resumed = resumed
+    summary.resumed, summary.already_complete = resumed, complete
     summary.table_lines = _counts_table(store, run_id, goals())
     summary.execution = merge(executions)
     return summary
