@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from . import __version__, offline
-from .errors import ApplianceError
+from .errors import ApplianceError, RunInterrupted
 
 
 def _bytes(n: int | None) -> str:
@@ -44,8 +44,12 @@ class ApplianceGroup(click.Group):
             return super().invoke(ctx)
         except ApplianceError as exc:
             _fail(str(exc), exc.exit_code)
+        except RunInterrupted as exc:
+            _fail(exc.message, 130)
         except KeyboardInterrupt:
-            _fail("interrupted: rows written so far are kept (`appliance runs` shows each run's status)", 130)
+            _fail("interrupted: rows written so far are kept; `appliance runs` shows how to continue a run", 130)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:  # a bug: still one line, with the way to see the traceback
@@ -57,6 +61,17 @@ class ApplianceGroup(click.Group):
 def _terminate(signum: int, frame: Any) -> None:
     """SIGTERM stops like Ctrl-C: the run is marked interrupted, the rows written stay."""
     raise KeyboardInterrupt
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`appliance logs --json | head`): stop without a word and with exit
+    status 141, as Unix tools killed by SIGPIPE do; stdout goes to /dev/null so the flush at exit is quiet too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    sys.exit(141)
 
 
 def _fail(message: str, code: int) -> None:
@@ -119,7 +134,7 @@ def db_check(ctx: click.Context) -> None:
     for table in ("models", "prompts", "runs", "generations"):
         click.echo(f"{table:<12} {store.rows(f'SELECT count(*) AS n FROM {table}')[0]['n']} rows")
     for row in list_runs(store, limit=0):
-        click.echo(f"run {row['id']:>4}     {row['status']:<11} {row['done']}/{row['requested']} generations")
+        click.echo(f"run {row['id']:>4}     {row['kind']:<9} {row['status']:<11} {row['counts']}")
     if problems != ["ok"]:
         sys.exit(1)
 
@@ -285,9 +300,12 @@ def hw(as_json: bool) -> None:
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=1), help="Context size in tokens (all sequences together).")
 @click.option("--parallel", "n_parallel", type=click.IntRange(min=1), help="Sequences decoded together.")
 @click.option("--gpu-layers", "n_gpu_layers", type=click.IntRange(min=-1), help="Layers on the GPU (-1: all; default: as many as fit).")
+@click.option("--allow-long-context", is_flag=True,
+              help="Keep a --ctx beyond the model's trained context (risk: past it, most models repeat themselves or write nonsense).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.pass_context
-def plan_cmd(ctx: click.Context, model: str, n_ctx: int | None, n_parallel: int | None, n_gpu_layers: int | None, as_json: bool) -> None:
+def plan_cmd(ctx: click.Context, model: str, n_ctx: int | None, n_parallel: int | None, n_gpu_layers: int | None,
+             allow_long_context: bool, as_json: bool) -> None:
     """Estimate the memory MODEL needs here and choose GPU layers, context and parallel sequences.
 
     Exits 1 when it does not fit, with what would."""
@@ -295,7 +313,8 @@ def plan_cmd(ctx: click.Context, model: str, n_ctx: int | None, n_parallel: int 
     from .planner import make_plan
 
     record = _registry(_store(ctx)).resolve(model)
-    plan = make_plan(record.info, detect_hardware(), n_ctx=n_ctx, n_parallel=n_parallel, n_gpu_layers=n_gpu_layers)
+    plan = make_plan(record.info, detect_hardware(), n_ctx=n_ctx, n_parallel=n_parallel, n_gpu_layers=n_gpu_layers,
+                     allow_long_context=allow_long_context)
     if as_json:
         click.echo(json.dumps({"model": record.name, **plan.model_dump()}, indent=2))
     else:
@@ -312,6 +331,8 @@ def _print_plan(name: str, plan) -> None:
     click.echo(f"total        {_bytes(plan.total_bytes)} (RAM {_bytes(plan.cpu_bytes)}, GPU {_bytes(plan.gpu_bytes)})")
     click.echo(f"available    {_bytes(plan.available_bytes)} RAM" + (f", {_bytes(plan.gpu_available_bytes)} GPU" if plan.gpu_available_bytes else "") + f" (margin {_bytes(plan.margin_bytes)})")
     click.echo(f"settings     ctx {plan.n_ctx}, parallel {plan.n_parallel}, gpu layers {plan.n_gpu_layers}, threads {plan.n_threads}, batch {plan.n_batch}")
+    for line in plan.adjustments:
+        click.echo(f"changed      {line}")
     click.echo(f"verdict      {plan.verdict}")
     for line in plan.suggestions:
         click.echo(f"  try        {line}")
@@ -410,7 +431,7 @@ def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: 
 
 def _print_summary(s) -> None:
     ex = s.execution
-    how = "resumed" if s.resumed else "new"
+    how = "already complete; --new-run starts another" if s.already_complete else "resumed" if s.resumed else "new"
     if s.kind == "task":
         click.echo(f"run {s.run_id} ({how}): {s.generated} generations, {s.kept} of {s.requested} examples kept", err=True)
     else:
@@ -435,17 +456,19 @@ def _print_summary(s) -> None:
 
 
 @cli.command("export")
-@click.argument("run_id", type=int)
+@click.argument("run_ref", metavar="RUN")
 @click.option("--format", "fmt", type=click.Choice(["openai", "sharegpt", "alpaca", "jsonl"]), default="openai", show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Output file (with --split: NAME.SPLIT.jsonl beside it).")
 @click.option("--split", "split", metavar="NAME=RATIO,...", help="e.g. train=0.9,test=0.1: deterministic, no near-duplicates across splits.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
 @click.pass_context
-def export_cmd(ctx: click.Context, run_id: int, fmt: str, out: Path, split: str | None, seed: int) -> None:
-    """Write the examples of RUN_ID that passed every filter, and a dataset card beside them."""
+def export_cmd(ctx: click.Context, run_ref: str, fmt: str, out: Path, split: str | None, seed: int) -> None:
+    """Write the examples of RUN (an id, `last`, or a run name) that passed every filter, and a dataset card beside them."""
     from .datasets import export_run
+    from .logs import resolve_run
 
-    result = export_run(_store(ctx, readonly=True), run_id, fmt, out, split, seed)
+    store = _store(ctx, readonly=True)
+    result = export_run(store, resolve_run(store, run_ref), fmt, out, split, seed)
     for name, (path, n) in result.files.items():
         click.echo(f"{name}: {n} examples -> {path}")
     click.echo(f"card: {result.card}")
@@ -453,21 +476,24 @@ def export_cmd(ctx: click.Context, run_id: int, fmt: str, out: Path, split: str 
 
 @cli.command("eval")
 @click.argument("student")
-@click.option("--dataset", "dataset_run", type=int, required=True, metavar="RUN_ID", help="The task run whose held-out split to use.")
+@click.option("--dataset", "dataset_ref", required=True, metavar="RUN", help="The task run whose held-out split to use: its id, `last`, or its name.")
 @click.option("--split", default="test", show_default=True, help="Which split to evaluate on.")
 @click.option("--parallel", "n_parallel", type=click.IntRange(min=1), help="Sequences decoded together (default: the plan's).")
 @click.option("--mode", type=click.Choice(["auto", "chat", "completion"]), default="auto", show_default=True, help="Prompt the student through its chat template (chat) or as plain text; auto: chat when it has a template.")
 @click.option("--chat-template", "chat_template", metavar="NAME|FILE", help="Chat template for a student GGUF without one.")
 @click.option("--json", "as_json", is_flag=True, help="The metrics as one JSON object.")
 @click.pass_context
-def eval_cmd(ctx: click.Context, student: str, dataset_run: int, split: str, n_parallel: int | None, mode: str, chat_template, as_json: bool) -> None:
+def eval_cmd(ctx: click.Context, student: str, dataset_ref: str, split: str, n_parallel: int | None, mode: str, chat_template, as_json: bool) -> None:
     """Run STUDENT (a GGUF) on a task run's held-out examples with the same prompt and constraints;
     report accuracy and per-label P/R/F1 (classify), JSON validity and per-field exact match (extract)."""
     from .evaluate import evaluate
     from .metrics import format_report
     from .progress import GenerationProgress
 
+    from .logs import resolve_run
+
     store = _store(ctx)
+    dataset_run = resolve_run(store, dataset_ref)
     with GenerationProgress(describe="evaluating") as progress:
         result = evaluate(store, _registry(store), student, dataset_run, split, n_parallel=n_parallel, mode=mode,
                           chat_template=chat_template, events=progress)
@@ -504,20 +530,23 @@ def evals_cmd(ctx: click.Context, as_json: bool) -> None:
 @cli.command("logs")
 @click.option("-n", "--count", "limit", type=click.IntRange(min=0), default=3, show_default=True, help="How many outputs (0: all).")
 @click.option("-q", "--query", help="Full-text search over outputs and prompts.")
-@click.option("--run", "run_id", type=int, help="Only this run.")
+@click.option("--run", "run_ref", metavar="RUN", help="Only this run: its id, `last`, or a run name.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines.")
 @click.pass_context
-def logs(ctx: click.Context, limit: int, query: str | None, run_id: int | None, as_json: bool) -> None:
+def logs(ctx: click.Context, limit: int, query: str | None, run_ref: str | None, as_json: bool) -> None:
     """Show logged generations, newest first."""
-    from .logs import search_generations
+    from .logs import item_label, resolve_run, search_generations
 
-    rows = search_generations(_store(ctx, readonly=True), limit=limit, query=query, run_id=run_id)
+    store = _store(ctx, readonly=True)
+    run_id = resolve_run(store, run_ref) if run_ref is not None else None
+    rows = search_generations(store, limit=limit, query=query, run_id=run_id)
     for row in rows:
         if as_json:
             click.echo(json.dumps(row, ensure_ascii=False))
             continue
+        prompt = f"  {row['prompt']}" if row["prompt"] else ""
         click.echo(
-            f"## run {row['run_id']} #{row['item_index'] + 1}  {row['model']}  {row['prompt']}  seed {row['seed']}  "
+            f"## run {row['run_id']} {item_label(row['item_index'], row['variables'])}  {row['model'] or '-'}{prompt}  seed {row['seed']}  "
             f"{row['tokens_in']}+{row['tokens_out']} tokens  {row['ms']} ms  {row['finish_reason']}  {row['created_at']}"
         )
         click.echo(row["output"].strip("\n"))
@@ -540,12 +569,14 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
             click.echo(json.dumps(row))
         else:
             dropped = ", ".join(f"{k} {v}" for k, v in sorted(row["dropped"].items()))
-            kept = f"  {row['kept']} kept" + (f" (dropped: {dropped})" if dropped else "") if row["kind"] != "generate" else ""
             click.echo(
-                f"run {row['id']:>4}  {row['kind']:<9} {row['status']:<11} {row['done']}/{row['requested']} done{kept}  "
-                f"{row['name'] or row['prompt'] or '-'}  {row['model'] or '-'}  {row['started_at']}"
+                f"run {row['id']:>4}  {row['kind']:<9} {row['status']:<11} {row['counts']}"
+                + (f" (dropped: {dropped})" if dropped else "")
+                + f"  {row['name'] or row['prompt'] or '-'}  {row['model'] or '-'}  {row['started_at']}"
                 + (f"  error: {row['error']}" if row["error"] else "")
             )
+            if row["next"]:
+                click.echo(f"           {row['next']}")
     if not rows and not as_json:
         click.echo("no runs yet", err=True)
     elif not as_json:
@@ -573,15 +604,18 @@ def browse_cmd(ctx: click.Context, port: int, open_browser: bool) -> None:
 
 
 @cli.command("report")
-@click.argument("run_id", type=int)
+@click.argument("run_ref", metavar="RUN")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="The HTML file to write.")
 @click.pass_context
-def report_cmd(ctx: click.Context, run_id: int, out: Path) -> None:
-    """Write one self-contained HTML page about RUN_ID: plots (lengths, drops per filter, label balance,
-    echo and grounding measures, speed, student scores) and kept and dropped examples with reasons."""
+def report_cmd(ctx: click.Context, run_ref: str, out: Path) -> None:
+    """Write one self-contained HTML page about RUN (an id, `last`, or a run name): plots (lengths, drops per
+    filter, label balance, echo and grounding measures, speed, student scores) and kept and dropped examples."""
+    from .logs import resolve_run
     from .report import write_report
 
-    report = write_report(_store(ctx, readonly=True), run_id, out)
+    store = _store(ctx, readonly=True)
+    run_id = resolve_run(store, run_ref)
+    report = write_report(store, run_id, out)
     click.echo(f"run {run_id}: {len(report.plots)} plots, {len(report.kept) + len(report.dropped)} samples -> {out}")
     if report.notice:
         click.echo(report.notice, err=True)

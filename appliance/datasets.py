@@ -26,7 +26,7 @@ from typing import Any
 import jinja2.sandbox
 
 from .engine import Vocab
-from .errors import ApplianceError, ResumeError
+from .errors import ApplianceError, ResumeError, with_article
 from .generate import sampling_for
 from .models import Registry
 from .prompts import PromptFile, load_prompt
@@ -225,7 +225,8 @@ class RunSummary:
     echo: dict[str, Any] | None
     skipped_sources: list[tuple[str, str]]
     execution: Execution | None = None
-    resumed: bool = False
+    resumed: bool = False  # an unfinished run was continued
+    already_complete: bool = False  # the run found was complete: nothing was generated or resumed
     table_lines: list[str] = field(default_factory=list)  # per task/label counts of task runs
     model_loads: int = 0  # model loads this session (1 for a run that generated anything)
 
@@ -284,7 +285,7 @@ def find_resumable(
             return None
     run = rows[0]
     if run["kind"] not in kinds:
-        raise ResumeError(f"run {run['id']} is a {run['kind']} run, not a {what} run")
+        raise ResumeError(f"run {run['id']} is {with_article(run['kind'])} run, not {with_article(what)} run")
     if run["recipe_sha256"] != sha256:
         key, new = config
         changed = _changes(json.loads(run["config_json"] or "{}").get(key, {}), new)
@@ -374,7 +375,6 @@ def run_recipe(
                     store.event(run_id, "warning", f"skipped source {path}: {reason}")
             else:
                 session.attach(run_id)
-            session.resume_hint = f"continue with `appliance run {loaded.path} --resume {run_id}`"
             execution = session.generate(items, params, prompt_id=prompt_id, grammar=schema[1] if schema else None)
             _judge_run(store, run_id, recipe, chunks, schema)
             session.complete()
@@ -383,7 +383,8 @@ def run_recipe(
         _judge_run(store, run_id, recipe, chunks, schema)
         loads = 0
     summary = summarize(store, run_id)
-    summary.execution, summary.resumed, summary.model_loads = execution, resumed, loads
+    summary.execution, summary.model_loads = execution, loads
+    summary.resumed, summary.already_complete = resumed and not complete, complete
     return summary
 
 
@@ -414,7 +415,7 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
         raise ExportError(f"cannot write {out}: folder {out.parent} does not exist")
     summary = summarize(store, run_id)
     if summary.kind in ("generate", "eval"):
-        raise ExportError(f"run {run_id} is a {summary.kind} run with no dataset examples; export recipe and task runs "
+        raise ExportError(f"run {run_id} is {with_article(summary.kind)} run with no dataset examples; export recipe and task runs "
                           f"(`appliance logs --run {run_id} --json` lists its outputs)")
     rows = store.rows(
         "SELECT e.*, g.seed, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "

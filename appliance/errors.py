@@ -29,3 +29,18 @@ class GenerationError(ApplianceError):
 
 class ResumeError(ApplianceError):
     """A run cannot be continued as asked (its recipe, prompt, mode or chat template changed)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run after it was marked interrupted; `message` says which run, what it
+    kept and the exact command that continues it (a KeyboardInterrupt still, so every cleanup runs)."""
+
+    def __init__(self, run_id: int, message: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.message = message
+
+
+def with_article(word: str) -> str:
+    """'a generate', 'an eval': the indefinite article by the word's first letter (enough for our words)."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import SamplingParams
-from .errors import ApplianceError
+from .errors import ApplianceError, with_article
 from .metrics import classification_report, extraction_report, transform_report
 from .models import Registry
 from .events import RunEvents
@@ -51,7 +51,7 @@ def evaluate(
         raise ApplianceError(f"no run {dataset_run} (see `appliance runs`)")
     run = run[0]
     if run["kind"] != "task":
-        raise ApplianceError(f"run {dataset_run} is a {run['kind']} run; eval needs a task run (made from a task spec)")
+        raise ApplianceError(f"run {dataset_run} is {with_article(run['kind'])} run; eval needs a task run (made from a task spec)")
     examples = store.rows(
         "SELECT id, task, instruction, output, label FROM examples WHERE run_id = ? AND kept = 1 AND split = ? ORDER BY id",
         [dataset_run, split],

@@ -94,8 +94,6 @@ def generate(
             config={"command": command, "options": opts.model_dump()},
             **style.run_fields(),
         )
-        session.resume_hint = (f"its outputs so far are kept in run {run_id}; a generate run is not resumed: "
-                               f"run the same `appliance generate` command again for more")
         execution = session.generate(items, params, prompt_id=prompt_id, grammar=schema[1] if schema else None)
         session.complete()
     return GenerateResult(run_id, execution, plan, style.mode)

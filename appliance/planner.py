@@ -137,6 +137,9 @@ class Plan(BaseModel):
     fits: bool
     verdict: str = Field(description="one line: fits or not, with the figures")
     suggestions: list[str] = Field(default_factory=list, description="settings that would fit, best first")
+    adjustments: list[str] = Field(
+        default_factory=list, description="each value asked for that the plan changed or risks, and why ('parallel 100000 -> 255: ...')"
+    )
 
     n_ctx: int = Field(description="KV cells of full-attention layers, shared by all sequences (multiple of 256)")
     n_parallel: int = Field(description="sequences generated at once")
@@ -274,6 +277,7 @@ def make_plan(
     type_v: str = "f16",
     swa_full: bool | None = None,
     flash_attn: bool | None = None,
+    allow_long_context: bool = False,
 ) -> Plan:
     """Choose settings for `info` on `hw` and estimate their memory; never raises for "does not fit".
 
@@ -285,6 +289,8 @@ def make_plan(
     output layer counts as one). swa_full: None turns it on when a sequence of the known workload
     is longer than the model's sliding window. flash_attn: None uses it when layers are on a GPU or
     the V cache is quantized (llama.cpp requires it then); it was slower on the CPU.
+    An n_ctx beyond the trained context is lowered to it unless allow_long_context. Every value asked
+    for that the plan changes is listed in `Plan.adjustments` with the reason.
     Raises PlanError only for settings llama.cpp itself would refuse.
     """
     for name, kv_type in (("type_k", type_k), ("type_v", type_v)):
@@ -294,6 +300,33 @@ def make_plan(
         raise PlanError(f"a {type_v} V cache needs flash attention (llama.cpp refuses it without)")
     if (prefix_tokens is None) != (seq_tokens is None):
         raise ValueError("prefix_tokens and seq_tokens go together")
+    adjustments = []
+    trained = info.context_length
+    if n_ctx is not None and trained and n_ctx > trained and not allow_long_context:
+        adjustments.append(
+            f"ctx {n_ctx} -> {trained}: the model was trained for {trained} tokens "
+            f"(--allow-long-context keeps {n_ctx}, at the risk of repetition or nonsense past {trained} tokens)"
+        )
+        n_ctx = trained
+    elif n_ctx is not None and trained and n_ctx > trained:
+        adjustments.append(f"ctx {n_ctx} kept past the {trained} tokens the model was trained for (--allow-long-context): "
+                           f"expect repetition or nonsense beyond {trained} tokens")
+    if n_ctx is not None and _pad(n_ctx) != n_ctx:
+        adjustments.append(f"ctx {n_ctx} -> {_pad(n_ctx)}: llama.cpp sizes the context in blocks of {CTX_PAD} tokens")
+    if n_parallel is not None and n_parallel > MAX_SEQ - 1:
+        adjustments.append(
+            f"parallel {n_parallel} -> {MAX_SEQ - 1}: one llama.cpp context holds at most {MAX_SEQ} sequences, "
+            "one of them for the shared prompt prefix"
+        )
+    if n_gpu_layers not in (None, 0):
+        asked = "-1 (all)" if n_gpu_layers < 0 else str(n_gpu_layers)
+        if not (hw.gpus and hw.gpu_offload_supported):
+            why = "no GPU found" if not hw.gpus else "this llama.cpp build cannot offload to a GPU (CPU only)"
+            adjustments.append(f"gpu layers {asked} -> 0: {why}")
+        elif n_gpu_layers > _n_layer(info) + 1:
+            adjustments.append(
+                f"gpu layers {asked} -> {_n_layer(info) + 1}: the model has {_n_layer(info)} layers plus the output layer"
+            )
     ram = hw.effective_available_bytes
     search = _Search(
         info=info,
@@ -313,7 +346,8 @@ def make_plan(
         swa_full=swa_full,
         flash_attn=flash_attn,
     )
-    return search.plan(n_parallel, max_parallel)
+    plan = search.plan(n_parallel, max_parallel)
+    return plan.model_copy(update={"adjustments": adjustments}) if adjustments else plan
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,11 @@ class _TokensPerSecond(ProgressColumn):
 
 
 def text_row(row: dict[str, Any]) -> str:
-    """An output as `generate` and `run` print it: a header line, then the text."""
-    return (f"--- #{row['item_index']} seed {row['seed']} ({row['tokens_out']} tokens, {row['finish_reason']})\n"
-            + row["output"].strip("\n"))
+    """An output as `generate` and `run` print it: a header line naming the item, then the text."""
+    from .logs import item_label
+
+    label = item_label(row["item_index"], json.loads(row.get("variables_json") or "null"))
+    return f"--- {label} seed {row['seed']} ({row['tokens_out']} tokens, {row['finish_reason']})\n" + row["output"].strip("\n")
 
 
 def json_row(row: dict[str, Any]) -> str:
@@ -56,8 +58,12 @@ class GenerationProgress(RunEvents):
     def planned(self, plan: Any, prefix_tokens: int, n_items: int) -> None:
         note = (f"{n_items} items, {plan.n_parallel} parallel, ctx {plan.n_ctx}, {plan.n_gpu_layers} GPU layers, "
                 f"{prefix_tokens} shared prompt tokens")
-        if self._progress is None:
+        if self._progress is None and not self.started:
+            for line in getattr(plan, "adjustments", []):  # every value the planner changed from what was asked, and why
+                self.console.print(f"note: {line}", markup=False, highlight=False)
             self.start(note, n_items)
+        elif self._progress is None:
+            self.total += n_items
         else:
             self.total += n_items
             self._progress.update(self._task, total=self.total)

@@ -3,7 +3,7 @@
 Every command that generates (generate, the three recipe kinds, task specs, eval) runs inside one
 session:
 
-    with RunSession(store, record, events=..., resume_hint=...) as session:
+    with RunSession(store, record, events=...) as session:
         session.prepare([(prompts, params), ...])      # plan once, for every stage the run will have
         run_id = session.begin(kind=..., ...)          # or session.attach(run_id) to continue one
         session.generate(items, params)                # as many stages, rounds and tasks as needed
@@ -11,7 +11,7 @@ session:
 
 Status transitions each happen in exactly one place: `begin`/`attach` (running), `complete`
 (completed), and `__exit__` (interrupted on Ctrl-C/SIGTERM, failed on any other exception, with the
-reason). The model is loaded once, on the first `generate`, and reused by every later stage; a stage
+reason; Ctrl-C becomes `RunInterrupted` with the command that continues the run). The model is loaded once, on the first `generate`, and reused by every later stage; a stage
 that could not fit one sequence in the loaded context reloads it (each load is recorded in the run's
 events with its time).
 """
@@ -23,21 +23,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from .engine import Engine, Request, SamplingParams, count_prompt_tokens
-from .errors import ApplianceError
+from .errors import ApplianceError, RunInterrupted
 from .events import RunEvents
 from .hardware import detect_hardware
+from .logs import interrupted_message
 from .models import ModelRecord
 from .planner import Plan, make_plan
 from .runner import Execution, Item, pending, row_for
 from .store import Store, Writer
 
 Workload = tuple[Sequence[str], SamplingParams]
-
-
-class Interrupted(ApplianceError):
-    """Ctrl-C or SIGTERM stopped a run; its message says how to continue."""
-
-    exit_code = 130
 
 
 class RunSession:
@@ -50,12 +45,10 @@ class RunSession:
         n_parallel: int | None = None,
         n_ctx: int | None = None,
         n_gpu_layers: int | None = None,
-        resume_hint: str = "",
     ) -> None:
         self.store, self.record = store, record
         self.events = events or RunEvents()
         self.n_parallel, self.n_ctx, self.n_gpu_layers = n_parallel, n_ctx, n_gpu_layers
-        self.resume_hint = resume_hint
         self.run_id: int | None = None
         self.plan: Plan | None = None
         self.prefix_tokens = 0
@@ -115,9 +108,9 @@ class RunSession:
         try:
             if self.run_id is not None and exc_type is not None and not self._completed:
                 if issubclass(exc_type, KeyboardInterrupt):
-                    hint = f"; {self.resume_hint}" if self.resume_hint else ""
-                    self.store.finish_run(self.run_id, "interrupted", f"stopped by a signal{hint}")
-                    raise Interrupted(f"interrupted: the rows of run {self.run_id} written so far are kept{hint}") from None
+                    self.store.finish_run(self.run_id, "interrupted", "stopped by a signal")  # `runs` shows how to continue it
+                    if not isinstance(exc, RunInterrupted):
+                        raise RunInterrupted(self.run_id, interrupted_message(self.store, self.run_id)) from None
                 else:
                     self.store.finish_run(self.run_id, "failed", str(exc) or exc_type.__name__)
         finally:

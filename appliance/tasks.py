@@ -172,7 +172,7 @@ def run_task_spec(
     # The built-in task prompts come in both forms, so auto means chat whenever a template is there.
     style = style_for(record, mode=mode or spec.mode, chat_template=chat_template or spec.chat_template, fewshot=False)
     run_id, complete = _find_run(store, loaded, resume, new_run, style)
-    resumed = run_id is not None
+    resumed = run_id is not None and not complete
     targets = task_targets(spec)
     label_goal = {t.name: label_targets(t, targets[t.name]) for t in spec.tasks if t.kind == "classify"}
 
@@ -189,7 +189,7 @@ def run_task_spec(
         assert run_id is not None
         _judge_and_store(store, run_id, loaded, _rebuild(store, run_id, loaded, style), goals(), ratios)
         summary = summarize(store, run_id)
-        summary.resumed, summary.table_lines = True, _counts_table(store, run_id, goals())
+        summary.already_complete, summary.table_lines = True, _counts_table(store, run_id, goals())
         return summary
 
     answers: list[Answer] = []
@@ -212,7 +212,6 @@ def run_task_spec(
                     )
                 else:
                     session.attach(run_id)
-                session.resume_hint = f"continue with `appliance run {loaded.path} --resume {run_id}`"
             executions.append(session.generate(items, input_params(spec)))
             inputs = _new_inputs(store, session.run_id, items, spec, answers)
             batch = _output_items(loaded, round_no, inputs, style)
@@ -228,7 +227,7 @@ def run_task_spec(
         session.complete()
         loads = session.loads
     summary = summarize(store, run_id)
-    summary.resumed = resumed
+    summary.resumed, summary.already_complete = resumed, complete
     summary.table_lines = _counts_table(store, run_id, goals())
     summary.execution = merge(executions)
     summary.model_loads = loads

@@ -14,7 +14,7 @@ from appliance.datasets import run_recipe
 from appliance.events import RunEvents
 from appliance.models import Registry
 from appliance.recipe import load_recipe
-from appliance.session import Interrupted
+from appliance.errors import RunInterrupted
 from appliance.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ def test_interrupted_run_resumes_to_exactly_n_items(workdir, recipes):
             if len(seen) == 3:
                 raise KeyboardInterrupt
 
-    with pytest.raises(Interrupted, match=r"--resume \d+"):
+    with pytest.raises(RunInterrupted, match=r"--resume \d+"):
         run_recipe(store, Registry(store), loaded, n_parallel=2, events=StopAfterThree())
     run = store.rows("select * from runs")[0]
     assert run["status"] == "interrupted"
