@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from .engine import SamplingParams
 from .models import Registry
 from .planner import Plan
-from .prompts import PromptFile, VarValue
+from .prompts import PromptFile, VarValue, check_used
 from .runner import Execution, Item, execute, item_seeds, plan_items
 from .store import Store
 
@@ -66,6 +66,7 @@ def generate(
     on_tokens: Callable[[int], None] | None = None,
 ) -> GenerateResult:
     """Run one generate job to completion; every output is in the store when this returns."""
+    check_used(prompt, opts.variables, "--var")
     base_seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
     items = []
     for index, seed in enumerate(item_seeds(base_seed, opts.count)):

@@ -34,6 +34,7 @@ class GenerationProgress:
         self._task = None
 
     def start(self, description: str, total: int) -> None:
+        self.stop()  # a run's later phases (retries, checks) start a bar of their own
         self.total = total
         self.started = time.perf_counter()
         if not self.enabled:
