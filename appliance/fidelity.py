@@ -171,7 +171,8 @@ def uninformative(store: Store, run_id: int) -> list[str]:
     """Warnings for checks that gave (nearly) every output the same label whatever was asked: such a check
     prompt does not tell the values apart (a base model answering a zero-shot prompt does this), and
     its drops say nothing about the outputs."""
-    rows = store.rows("SELECT output, variables_json FROM generations WHERE run_id = ? AND item_index >= ?", [run_id, FIDELITY_BASE])
+    rows = store.rows("SELECT item_index, output, variables_json FROM generations WHERE run_id = ? AND item_index >= ?",
+                      [run_id, FIDELITY_BASE])
     by_axis: dict[str, list[tuple[str, str | None]]] = {}
     for found in labels(rows).values():
         for axis, pair in found.items():
