@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from . import offline as _offline
-from .datasets import ExportResult, RunSummary, export_run, run_recipe
+from .datasets import RunSummary, run_recipe
 from .evaluate import EvalResult, evaluate
 from .events import RunEvents
+from .export import ExportResult, export_run
 from .generate import GenerateOptions, GenerateResult, generate
 from .models import ModelRecord, Registry
 from .prompts import load_prompt
@@ -108,10 +109,11 @@ class Appliance:
                               n_parallel=parallel, mode=mode, chat_template=chat_template, events=self.events)
 
     def export(self, run_id: int, out: str | Path, *, format: str = "openai", split: str | None = None,
-               seed: int = 0) -> ExportResult:
-        """`appliance export`: the run's kept examples in a fine-tuning format, with a dataset card."""
+               seed: int = 0, resplit: bool = False) -> ExportResult:
+        """`appliance export`: the run's kept examples in a fine-tuning format, one file per split (a task
+        run's stored splits as stored), with a dataset card."""
         with self._call():
-            return export_run(self.store, run_id, format, Path(out), split, seed)
+            return export_run(self.store, run_id, format, Path(out), split, seed, resplit=resplit)
 
     def evaluate(self, student: str, dataset_run: int, *, split: str = "test", mode: str = "auto",
                  chat_template: str | None = None, parallel: int | None = None) -> EvalResult:

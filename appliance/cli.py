@@ -441,6 +441,10 @@ def _print_summary(s) -> None:
                    f"{s.model_loads} model load{'s' if s.model_loads != 1 else ''}", err=True)
     for name, n in sorted(s.dropped.items(), key=lambda kv: -kv[1]):
         click.echo(f"  dropped by {name}: {n} (e.g. {s.first_reasons[name]})", err=True)
+    if s.retried:
+        click.echo(f"  empty outputs generated again with a new seed: {s.retried}", err=True)
+    for axis, (hit, n) in s.fidelity.items():
+        click.echo(f"  fidelity {axis}: {hit} of {n} outputs labelled as asked ({hit / n:.0%})" if n else f"  fidelity {axis}: nothing checked", err=True)
     if s.echo:
         r, o = s.echo["length_ratio"], s.echo["ngram_overlap"]
         click.echo(
@@ -461,14 +465,16 @@ def _print_summary(s) -> None:
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Output file (with --split: NAME.SPLIT.jsonl beside it).")
 @click.option("--split", "split", metavar="NAME=RATIO,...", help="e.g. train=0.9,test=0.1: deterministic, no near-duplicates across splits.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
+@click.option("--resplit", is_flag=True, help="Split a run that stored its splits (a task run) again; the card records it.")
 @click.pass_context
-def export_cmd(ctx: click.Context, run_ref: str, fmt: str, out: Path, split: str | None, seed: int) -> None:
-    """Write the examples of RUN (an id, `last`, or a run name) that passed every filter, and a dataset card beside them."""
-    from .datasets import export_run
+def export_cmd(ctx: click.Context, run_ref: str, fmt: str, out: Path, split: str | None, seed: int, resplit: bool) -> None:
+    """Write the examples of RUN (an id, `last`, or a run name) that passed every filter, and a dataset card beside
+    them. A task run's stored splits are kept (one file per split), so no example `eval` tests on is trained on."""
+    from .export import export_run
     from .logs import resolve_run
 
     store = _store(ctx, readonly=True)
-    result = export_run(store, resolve_run(store, run_ref), fmt, out, split, seed)
+    result = export_run(store, resolve_run(store, run_ref), fmt, out, split, seed, resplit=resplit)
     for name, (path, n) in result.files.items():
         click.echo(f"{name}: {n} examples -> {path}")
     click.echo(f"card: {result.card}")

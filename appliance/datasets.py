@@ -29,12 +29,15 @@ from .engine import Vocab
 from .errors import ApplianceError, ResumeError, with_article
 from .generate import sampling_for
 from .models import Registry
-from .prompts import PromptFile, load_prompt
-from .quality import EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty, echo_metrics, summarize_echo
+from . import fidelity
+from .prompts import PromptFile, check_used, load_prompt
+from .quality import (EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty, check_truncated,
+                      cue_verdict, echo_metrics, summarize_echo)
 from .recipe import LoadedRecipe, Recipe
 from .events import RunEvents
 from .prompting import PromptStyle, style_for
-from .runner import Execution, Item, item_seeds, pending
+from .retry import ITEM_LIMIT, attempt_of, attempts, cleaned, run_retries
+from .runner import Execution, Item, item_seeds, merge, pending
 from .session import RunSession
 from .schema import load_json_schema
 from .sources import chunk_text, read_sources
@@ -122,6 +125,7 @@ class Candidate:
     chunk_id: int | None
     verdicts: list[Verdict] = field(default_factory=list)
     echo: dict[str, Any] | None = None
+    replaced: bool = False  # an empty attempt generated again: its verdicts are kept, it makes no example
 
     @property
     def kept(self) -> bool:
@@ -144,35 +148,53 @@ def parse_qa(text: str) -> tuple[str, str] | None:
 
 
 def judge(recipe: Recipe, gens: list[dict[str, Any]], chunks: dict[int, str], schema: dict | None) -> list[Candidate]:
-    """Every filter's verdict for every generation, in item order."""
+    """Every filter's verdict for the final attempt of every item, in item order (an empty attempt that was
+    generated again gets a `not_empty` verdict naming its replacement, and no example)."""
     f = recipe.filters
     guard = EchoGuard(max_length_ratio=f.echo_max_length_ratio, max_ngram_overlap=f.echo_max_ngram_overlap, max_shared_run=f.echo_max_shared_run)
     dedup = NearDuplicateIndex(threshold=f.near_duplicate_threshold) if f.near_duplicate_threshold else None
     instruction_template = _ENV.from_string(recipe.instruction) if recipe.instruction else None
-    out: list[Candidate] = []
+    finals, superseded = attempts(gens)
+    labelled = fidelity.labels(gens)
+    replaced_by_item: dict[int, list[dict[str, Any]]] = {}
     for g in gens:
-        text = g["output"].strip()
+        if g["id"] in superseded:
+            replaced_by_item.setdefault(attempt_of(g["item_index"])[0], []).append(g)
+    out: list[Candidate] = []
+    for g in finals:
+        item = attempt_of(g["item_index"])[0]
+        for old in replaced_by_item.get(item, []):
+            cand = Candidate(old["id"], item, "", "", "", old["chunk_id"], replaced=True)
+            cand.verdicts.append(Verdict(filter="not_empty", passed=False,
+                                         reason=f"output is empty; generated again with a new seed as item {superseded[old['id']]}"))
+            out.append(cand)
+        text, cue, n_cue = cleaned(g["output"], g["rendered_prompt"])
         chunk = chunks.get(g["chunk_id"]) if g["chunk_id"] else None
         variables = json.loads(g["variables_json"] or "{}")
         if recipe.kind == "synthetic":
             instruction = instruction_template.render(**variables) if instruction_template else _describe(variables)
-            cand = Candidate(g["id"], g["item_index"], instruction, "", text, None)
+            cand = Candidate(g["id"], item, instruction, "", text, None)
             checked = text
         elif recipe.kind == "annotated":
-            cand = Candidate(g["id"], g["item_index"], text, "", (chunk or "").strip(), g["chunk_id"])
+            cand = Candidate(g["id"], item, text, "", (chunk or "").strip(), g["chunk_id"])
             checked = text
         else:
             qa = parse_qa(text)
             question, answer = qa if qa else ("", "")
-            cand = Candidate(g["id"], g["item_index"], question, (chunk or "").strip(), answer, g["chunk_id"])
+            cand = Candidate(g["id"], item, question, (chunk or "").strip(), answer, g["chunk_id"])
             checked = answer
             cand.verdicts.append(Verdict(filter="parse", passed=qa is not None,
                                          reason="question and answer found" if qa else "no 'Answer:' after the question"))
-        cand.verdicts.append(check_not_empty(text, g["finish_reason"], allow_truncated=f.allow_truncated))
+        if n_cue:
+            cand.verdicts.insert(0, cue_verdict(cue or "", n_cue))
+        cand.verdicts.append(check_not_empty(text))
+        cand.verdicts.append(check_truncated(g["finish_reason"], allow_truncated=f.allow_truncated))
         if f.min_words is not None or f.max_words is not None:
             cand.verdicts.append(check_length(checked, min_words=f.min_words, max_words=f.max_words))
         if schema is not None:
             cand.verdicts.append(check_json(text, schema))
+        if g["id"] in labelled:
+            cand.verdicts.append(fidelity.verdict(labelled[g["id"]]))
         if recipe.kind == "annotated" and text:
             metrics = echo_metrics(cand.instruction, cand.output)
             cand.echo = metrics.model_dump()
@@ -180,7 +202,7 @@ def judge(recipe: Recipe, gens: list[dict[str, Any]], chunks: dict[int, str], sc
         if recipe.kind == "augmented" and answer:
             cand.verdicts.append(check_grounded(answer, chunk or "", min_score=f.grounding_min_score))
         if dedup is not None and cand.kept:
-            cand.verdicts.append(dedup.check(str(g["item_index"] + 1), f"{cand.instruction}\n{cand.output}"))
+            cand.verdicts.append(dedup.check(str(item + 1), f"{cand.instruction}\n{cand.output}"))
         out.append(cand)
     return out
 
@@ -201,6 +223,8 @@ def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[
             for v in c.verdicts:
                 insert_row(conn, "verdicts", {"run_id": run_id, "generation_id": c.generation_id, "filter": v.filter,
                                               "passed": int(v.passed), "score": v.score, "reason": v.reason})
+            if c.replaced:
+                continue
             insert_row(conn, "examples", {
                 "run_id": run_id, "generation_id": c.generation_id, "chunk_id": c.chunk_id,
                 "instruction": c.instruction, "input": c.input, "output": c.output, "system": recipe.system,
@@ -229,6 +253,8 @@ class RunSummary:
     already_complete: bool = False  # the run found was complete: nothing was generated or resumed
     table_lines: list[str] = field(default_factory=list)  # per task/label counts of task runs
     model_loads: int = 0  # model loads this session (1 for a run that generated anything)
+    retried: int = 0  # empty outputs generated again with a new seed
+    fidelity: dict[str, tuple[int, int]] = field(default_factory=dict)  # axis -> (labelled as asked, checked)
 
     def why_nothing(self) -> str:
         if self.kept or not self.generated:
@@ -244,13 +270,13 @@ def summarize(store: Store, run_id: int) -> RunSummary:
     if not run:
         raise ApplianceError(f"no run {run_id} (see `appliance runs`)")
     run = run[0]
-    generated = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?", [run_id])[0]["n"]
+    recipe_run = run["kind"] in RECIPE_KINDS
+    generated = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?" + (" AND item_index < ?" if recipe_run else ""),
+                           [run_id] + ([ITEM_LIMIT] if recipe_run else []))[0]["n"]  # the items, not their retries or checks
+    retried = store.rows("SELECT count(*) n FROM generations WHERE run_id = ? AND item_index >= ? AND item_index < ?",
+                         [run_id, ITEM_LIMIT, fidelity.FIDELITY_BASE])[0]["n"] if recipe_run else 0
     kept = store.rows("SELECT count(*) n FROM examples WHERE run_id = ? AND kept = 1", [run_id])[0]["n"]
-    dropped: dict[str, int] = {}
-    reasons: dict[str, str] = {}
-    for r in store.rows("SELECT filter, count(*) n, min(reason) reason FROM verdicts WHERE run_id = ? AND passed = 0 GROUP BY filter", [run_id]):
-        dropped[r["filter"]] = r["n"]
-        reasons[r["filter"]] = r["reason"]
+    dropped, reasons = first_failures(store, run_id)
     echo = None
     if run["kind"] == "annotated":
         rows = store.rows("SELECT instruction, output FROM examples WHERE run_id = ? AND instruction != ''", [run_id])
@@ -258,7 +284,19 @@ def summarize(store: Store, run_id: int) -> RunSummary:
     skipped = [tuple(m["message"].split(": ", 1)) for m in store.rows(
         "SELECT message FROM run_events WHERE run_id = ? AND message LIKE 'skipped source %'", [run_id])]
     return RunSummary(run_id, run["kind"], run["status"], run["requested"], generated, kept, dropped, reasons, echo,
-                      [(p.removeprefix("skipped source "), r) for p, r in skipped])
+                      [(p.removeprefix("skipped source "), r) for p, r in skipped], retried=retried,
+                      fidelity=fidelity.rates(store, run_id) if recipe_run else {})
+
+
+def first_failures(store: Store, run_id: int) -> tuple[dict[str, int], dict[str, str]]:
+    """Dropped examples per filter, each counted once under the first filter it failed, with an example
+    reason; attempts generated again (no example of their own) are not drops."""
+    rows = store.rows(
+        """SELECT v.filter, count(*) n, min(v.reason) reason FROM verdicts v JOIN (
+               SELECT min(v2.id) id FROM examples e JOIN verdicts v2 ON v2.generation_id = e.generation_id AND v2.passed = 0
+               WHERE e.run_id = ? AND e.kept = 0 GROUP BY e.id) first ON first.id = v.id
+           GROUP BY v.filter""", [run_id])
+    return {r["filter"]: r["n"] for r in rows}, {r["filter"]: r["reason"] for r in rows}
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -317,6 +355,19 @@ def _run_name(loaded: LoadedRecipe) -> str:
     return loaded.recipe.name or Path(loaded.path).stem
 
 
+def _finals(store: Store, run_id: int) -> list[tuple[int, int, str, dict[str, Any]]]:
+    """(item, generation id, cleaned text, variables) of each item's final attempt that has text: what the
+    fidelity checks label."""
+    gens = store.rows("SELECT id, item_index, output, rendered_prompt, variables_json FROM generations WHERE run_id = ? AND item_index < ?",
+                      [run_id, fidelity.FIDELITY_BASE])
+    out = []
+    for g in attempts(gens)[0]:
+        text = cleaned(g["output"], g["rendered_prompt"])[0]
+        if text:
+            out.append((attempt_of(g["item_index"])[0], g["id"], text, json.loads(g["variables_json"] or "{}")))
+    return out
+
+
 def run_recipe(
     store: Store,
     registry: Registry,
@@ -333,7 +384,11 @@ def run_recipe(
     recipe = loaded.recipe
     prompt = load_prompt(loaded.resolve(recipe.prompt))
     if recipe.kind != "synthetic" and PASSAGE_VAR not in prompt.variables:
-        raise ApplianceError(f"prompt {prompt.path} must use {{{{ {PASSAGE_VAR} }}}} for an {recipe.kind} recipe")
+        raise ApplianceError(f"prompt {prompt.path} must use {{{{ {PASSAGE_VAR} }}}} for an {recipe.kind} recipe "
+                             f"(its variables: {', '.join(prompt.variables) or 'none'})")
+    check_used(prompt, recipe.axes, f"recipe {loaded.path}: axis")
+    check_used(prompt, recipe.vars, f"recipe {loaded.path}: [vars]")
+    checks = fidelity.load_checks(loaded)
     given = set(recipe.vars) | set(recipe.axes) | set(prompt.header.vars) | ({PASSAGE_VAR} if recipe.kind != "synthetic" else set())
     missing = [v for v in prompt.variables if v not in given]
     if missing:
@@ -355,6 +410,8 @@ def run_recipe(
         if not chunks:
             raise ApplianceError(f"the sources of {loaded.path} gave no chunks of text")
     items = build_items(loaded, prompt, chunks, style)
+    if len(items) >= ITEM_LIMIT:
+        raise ApplianceError(f"recipe {loaded.path} makes {len(items)} items; at most {ITEM_LIMIT - 1} fit one run")
 
     execution = None
     resumed = run_id is not None
@@ -375,7 +432,13 @@ def run_recipe(
                     store.event(run_id, "warning", f"skipped source {path}: {reason}")
             else:
                 session.attach(run_id)
-            execution = session.generate(items, params, prompt_id=prompt_id, grammar=schema[1] if schema else None)
+            grammar = schema[1] if schema else None
+            execution = session.generate(items, params, prompt_id=prompt_id, grammar=grammar)
+            retries = run_retries(session, prompt_id, items, params, recipe.seed, grammar=grammar)
+            checked = fidelity.run_checks(session, checks, _finals(store, run_id), recipe.seed) if checks else None
+            for message in fidelity.uninformative(store, run_id) if checked else []:
+                session.event("warning", message)
+            execution = merge([execution, *retries, *([checked] if checked else [])])
             _judge_run(store, run_id, recipe, chunks, schema)
             session.complete()
             loads = session.loads
@@ -392,53 +455,3 @@ def _judge_run(store: Store, run_id: int, recipe: Recipe, chunks: list[dict[str,
     gens = store.rows("SELECT * FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
     chunk_text_by_id = {c["id"]: c["text"] for c in chunks}
     store_judgement(store, run_id, recipe, judge(recipe, gens, chunk_text_by_id, schema[0] if schema else None))
-
-
-# -------------------------------------------------------------------------------------------- export
-
-
-@dataclass
-class ExportResult:
-    files: dict[str, tuple[Path, int]]  # split -> (file, rows)
-    card: Path
-    dropped: dict[str, int]
-
-
-def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None = None, seed: int = 0) -> ExportResult:
-    """Write the run's kept examples in `fmt`, one file per split (`NAME.train.jsonl`, ...), and a
-    dataset card beside them (`NAME.card.md`)."""
-    from .export import Example, ExportError, check_format, dataset_card, parse_split_spec, split_examples, write_jsonl
-
-    check_format(fmt)
-    ratios = parse_split_spec(split) if split else None
-    if not out.parent.is_dir():
-        raise ExportError(f"cannot write {out}: folder {out.parent} does not exist")
-    summary = summarize(store, run_id)
-    if summary.kind in ("generate", "eval"):
-        raise ExportError(f"run {run_id} is {with_article(summary.kind)} run with no dataset examples; export recipe and task runs "
-                          f"(`appliance logs --run {run_id} --json` lists its outputs)")
-    rows = store.rows(
-        "SELECT e.*, g.seed, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "
-        "WHERE e.run_id = ? AND e.kept = 1 ORDER BY g.item_index",
-        [run_id],
-    )
-    if not rows:
-        why = summary.why_nothing() or "the run has no examples yet (run its recipe first)"
-        raise ExportError(f"run {run_id} has nothing to export: {why}")
-    examples = [
-        Example(id=str(r["id"]), instruction=r["instruction"], input=r["input"], output=r["output"], system=r["system"],
-                group=r["group_key"], label=r["label"], meta={"run_id": run_id, "generation_id": r["generation_id"],
-                                                               "chunk_id": r["chunk_id"], "seed": r["seed"]})
-        for r in rows
-    ]
-    splits = split_examples(examples, ratios, seed=seed) if ratios else {"all": examples}
-    files: dict[str, tuple[Path, int]] = {}
-    for name, part in splits.items():
-        path = out if not ratios else out.with_name(f"{out.stem}.{name}{out.suffix or '.jsonl'}")
-        files[name] = (path, write_jsonl(path, part, fmt))
-    run = store.rows("SELECT r.name, r.kind, m.name AS model FROM runs r LEFT JOIN models m ON m.id = r.model_id WHERE r.id = ?", [run_id])[0]
-    card = out.with_name(f"{out.stem}.card.md")
-    card.write_text(dataset_card(run["name"] or f"run {run_id}", splits, summary.dropped, fmt,
-                                 {"run": run_id, "kind": run["kind"], "model": run["model"], "split seed": seed,
-                                  "generated": summary.generated, "kept": summary.kept}), encoding="utf-8")
-    return ExportResult(files, card, summary.dropped)

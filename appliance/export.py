@@ -13,13 +13,16 @@ import re
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from .errors import ApplianceError
+from .provenance import card_lines, cross_split_duplicates, prompts_used
 from .quality import NearDuplicateIndex
+from .store import Store, utcnow
 
 FORMATS = ("openai", "sharegpt", "alpaca", "jsonl")
 
@@ -269,9 +272,14 @@ def dataset_card(
     drops: dict[str, int],
     fmt: str,
     extra: dict[str, Any] | None = None,
+    *,
+    fidelity: dict[str, tuple[int, int]] | None = None,
+    provenance: list[str] | None = None,
+    prompts: list[dict[str, Any]] | None = None,
 ) -> str:
-    """A Markdown card: counts per split, label and group; word-length statistics; drops per filter;
-    three examples as plain text. `extra` adds lines such as the seed, the run or the model."""
+    """A Markdown card: counts per split, label and group; word-length statistics; drops per filter (each
+    dropped example under the first filter it failed); the fidelity rate per checked axis; three examples
+    as plain text; provenance lines; the prompt texts in an appendix. `extra` adds lines such as the run."""
     everything = [ex for split in splits.values() for ex in split]
     total = len(everything)
     lines = [f"# {name}", "", f"- format: `{fmt}`", f"- examples: {total}"]
@@ -308,6 +316,17 @@ def dataset_card(
         lines += [f"| {f} | {n} |" for f, n in sorted(drops.items(), key=lambda kv: (-kv[1], kv[0])) if n]
     else:
         lines.append("Nothing was dropped.")
+    lines.append("")
+    lines.append("Each dropped example is counted once, under the first filter it failed.")
+
+    if fidelity:
+        lines += ["", "## Fidelity", "", "Each output re-labelled by the model under a grammar over the axis's values; "
+                  "outputs labelled otherwise than asked were dropped.", "",
+                  "| axis | labelled as asked | checked | rate |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {axis} | {hit} | {n} | {hit / n:.1%} |" if n else f"| {axis} | 0 | 0 | - |" for axis, (hit, n) in fidelity.items()]
+
+    if provenance:
+        lines += ["", "## Provenance", "", *provenance]
 
     lines += ["", "## Examples", ""]
     shown = [(split_name, ex) for split_name, split in splits.items() for ex in split][:3]
@@ -322,4 +341,110 @@ def dataset_card(
         lines += _text_block("Output", ex.output)
     if not shown:
         lines.append("No examples.")
+    if prompts:
+        lines += ["", "## Appendix: prompts", ""]
+        for p in prompts:
+            lines += _text_block(f"{p['name']} (sha256 {p['sha256']})", p["text"], limit=20000)
     return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's examples out.
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, tuple[Path, int]]  # split -> (file, rows)
+    card: Path
+    dropped: dict[str, int]
+
+
+def _spec(ratios: dict[str, float]) -> str:
+    return ",".join(f"{name}={ratio:g}" for name, ratio in ratios.items())
+
+
+def stored_splits(store: Store, run_id: int) -> dict[str, float] | None:
+    """The split ratios a run stored its examples under (task runs; `eval` scores the stored test split),
+    else None."""
+    names = [r["split"] for r in store.rows(
+        "SELECT DISTINCT split FROM examples WHERE run_id = ? AND kept = 1 AND split IS NOT NULL ORDER BY split", [run_id])]
+    if not names:
+        return None
+    run = store.rows("SELECT config_json FROM runs WHERE id = ?", [run_id])[0]
+    spec = (json.loads(run["config_json"] or "{}").get("spec") or {}).get("split")
+    ratios = parse_split_spec(spec) if spec else {}
+    return {**ratios, **{name: 0.0 for name in names if name not in ratios}}
+
+
+def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None = None, seed: int = 0,
+               resplit: bool = False) -> ExportResult:
+    """Write the run's kept examples in `fmt`, one file per split (`NAME.train.jsonl`, ...), and a
+    dataset card beside them (`NAME.card.md`).
+
+    A run that stored splits (a task run) is exported as stored, so no example `eval` tests on lands in
+    a training file; a different `split` is refused unless `resplit`, which the card records."""
+    from .datasets import summarize
+
+    check_format(fmt)
+    ratios = parse_split_spec(split) if split else None
+    if resplit and not ratios:
+        raise ExportError("--resplit needs --split NAME=RATIO,... to say how to split again")
+    if not out.parent.is_dir():
+        raise ExportError(f"cannot write {out}: folder {out.parent} does not exist")
+    summary = summarize(store, run_id)
+    if summary.kind in ("generate", "eval"):
+        raise ExportError(f"run {run_id} is a {summary.kind} run with no dataset examples; export recipe and task runs "
+                          f"(`appliance logs --run {run_id} --json` lists its outputs)")
+    stored = stored_splits(store, run_id)
+    if stored and ratios and not resplit and (set(ratios) != set(stored) or any(abs(ratios[n] - stored[n]) > 1e-9 for n in ratios)):
+        raise ExportError(f"run {run_id} stored its splits ({_spec(stored)}; `eval` tests on them): export without --split "
+                          f"to keep them, or add --resplit to split again (the card records it)")
+    rows = store.rows(
+        "SELECT e.*, g.seed, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "
+        "WHERE e.run_id = ? AND e.kept = 1 ORDER BY g.item_index",
+        [run_id],
+    )
+    if not rows:
+        why = summary.why_nothing() or "the run has no examples yet (run its recipe first)"
+        raise ExportError(f"run {run_id} has nothing to export: {why}")
+    examples = [
+        Example(id=str(r["id"]), instruction=r["instruction"], input=r["input"], output=r["output"], system=r["system"],
+                group=r["group_key"], label=r["label"], meta={"run_id": run_id, "generation_id": r["generation_id"],
+                                                               "chunk_id": r["chunk_id"], "seed": r["seed"]})
+        for r in rows
+    ]
+    how: str
+    if stored and not resplit:
+        split_of = {str(r["id"]): r["split"] for r in rows}
+        splits = {name: [ex for ex in examples if split_of[ex.id] == name] for name in stored}
+        how = f"as stored by run {run_id} ({_spec(stored)}), the splits `eval` uses"
+    elif ratios:
+        splits = split_examples(examples, ratios, seed=seed)
+        how = f"made at export: {_spec(ratios)}, seed {seed}"
+        if stored:
+            how += (f"; RE-SPLIT with --resplit, ignoring the run's stored splits ({_spec(stored)}): "
+                    f"`eval --dataset {run_id}` scores the stored test split, which these files may train on")
+    else:
+        splits = {"all": examples}
+        how = "none (one file)"
+    files: dict[str, tuple[Path, int]] = {}
+    for name, part in splits.items():
+        path = out if list(splits) == ["all"] else out.with_name(f"{out.stem}.{name}{out.suffix or '.jsonl'}")
+        files[name] = (path, write_jsonl(path, part, fmt))
+    run = store.rows("SELECT r.name, r.kind, m.name AS model FROM runs r LEFT JOIN models m ON m.id = r.model_id WHERE r.id = ?", [run_id])[0]
+    crossing, total = cross_split_duplicates(splits) if len(splits) > 1 else (0, 0)
+    provenance = card_lines(store, run_id) + [
+        f"- splits: {how}",
+        "- near-duplicates across splits: " + (f"{crossing} of {total} examples ({crossing / total:.1%}) have a near-duplicate "
+                                               "(MinHash Jaccard >= 0.8) in another split" if total else "n/a (one split)"),
+        f"- exported {utcnow()}",
+    ]
+    extra: dict[str, Any] = {"run": run_id, "kind": run["kind"], "model": run["model"],
+                             "generated": summary.generated, "kept": summary.kept}
+    if summary.retried:
+        extra["empty outputs generated again with a new seed"] = summary.retried
+    card = out.with_name(f"{out.stem}.card.md")
+    card.write_text(dataset_card(run["name"] or f"run {run_id}", splits, summary.dropped, fmt, extra,
+                                 fidelity=summary.fidelity, provenance=provenance,
+                                 prompts=prompts_used(store, run_id)), encoding="utf-8")
+    return ExportResult(files, card, summary.dropped)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from .engine import SamplingParams
 from .models import Registry
 from .planner import Plan
-from .prompts import PromptFile, VarValue
+from .prompts import PromptFile, VarValue, check_used
 from .events import RunEvents
 from .prompting import style_for
 from .runner import Execution, item_seeds
@@ -69,6 +69,7 @@ def generate(
     events: RunEvents | None = None,
 ) -> GenerateResult:
     """Run one generate job to completion; every output is in the store when this returns."""
+    check_used(prompt, opts.variables, "--var")
     base_seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
     record = registry.resolve(model)
     style = style_for(record, prompt=prompt, mode=opts.mode, chat_template=opts.chat_template)

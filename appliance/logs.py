@@ -8,6 +8,7 @@ import shlex
 from typing import Any
 
 from .errors import ApplianceError
+from .retry import ITEM_LIMIT
 from .store import Store
 
 _GENERATION_COLUMNS = """
@@ -64,19 +65,23 @@ def item_label(index: int, variables: dict[str, Any] | None) -> str:
 
 
 def list_runs(store: Store, *, limit: int = 20) -> list[dict[str, Any]]:
-    """Runs, newest first, with generations done, examples kept, and drops per filter."""
+    """Runs, newest first, with generations done, examples kept, and dropped examples per first failing filter."""
     sql = """
         SELECT r.id, r.kind, r.name, r.status, r.requested,
-               (SELECT count(*) FROM generations g WHERE g.run_id = r.id) AS done,
+               (SELECT count(*) FROM generations g WHERE g.run_id = r.id
+                AND (r.kind NOT IN ('synthetic', 'annotated', 'augmented') OR g.item_index < ?)) AS done,
                (SELECT count(*) FROM examples e WHERE e.run_id = r.id AND e.kept = 1) AS kept,
                m.name AS model, p.name AS prompt, r.started_at, r.ended_at, r.error, r.config_json
         FROM runs r LEFT JOIN models m ON m.id = r.model_id LEFT JOIN prompts p ON p.id = r.prompt_id
         ORDER BY r.id DESC"""
     if limit:
         sql += f" LIMIT {int(limit)}"
-    runs = store.rows(sql)
+    runs = store.rows(sql, [ITEM_LIMIT])  # a recipe's items, not their retries or fidelity checks
     drops: dict[int, dict[str, int]] = {}
-    for row in store.rows("SELECT run_id, filter, count(*) n FROM verdicts WHERE passed = 0 GROUP BY run_id, filter"):
+    first_failures = """SELECT e.run_id, min(v.id) id FROM examples e JOIN verdicts v ON v.generation_id = e.generation_id
+                        AND v.passed = 0 WHERE e.kept = 0 GROUP BY e.id"""  # each dropped example once, by its first failure
+    for row in store.rows(f"SELECT f.run_id, v.filter, count(*) n FROM ({first_failures}) f JOIN verdicts v ON v.id = f.id "
+                          "GROUP BY f.run_id, v.filter"):
         drops.setdefault(row["run_id"], {})[row["filter"]] = row["n"]
     for run in runs:
         run["dropped"] = drops.get(run["id"], {})

@@ -28,8 +28,10 @@ def classification_report(pairs: list[tuple[str, str | None]], labels: list[str]
     """Score (expected label, predicted label or None) pairs.
 
     Returns `count`, `correct`, `accuracy`, `invalid` (predictions not among `labels`, which all count as
-    wrong), `macro_f1` (the mean F1 over all `labels`), `labels` (per label: precision, recall, f1,
-    support, predicted) and `confusion` (`{expected: {predicted: n}}`, columns `labels` then INVALID).
+    wrong), `macro_f1` (the mean F1 over the labels present in the expected labels or predicted: a label
+    with neither a test example nor a prediction says nothing about the student and is left out),
+    `macro_f1_labels` (those labels), `labels` (per label: precision, recall, f1, support, predicted)
+    and `confusion` (`{expected: {predicted: n}}`, columns `labels` then INVALID).
     """
     if len(set(labels)) != len(labels) or INVALID in labels:
         raise ValueError(f"labels must be distinct and not {INVALID!r}")
@@ -52,12 +54,14 @@ def classification_report(pairs: list[tuple[str, str | None]], labels: list[str]
             "predicted": predicted,
         }
     correct = sum(confusion[label][label] for label in labels)
+    scored = [label for label, m in per_label.items() if m["support"] or m["predicted"]]
     return {
         "count": len(pairs),
         "correct": correct,
         "accuracy": _rate(correct, len(pairs)),
         "invalid": sum(row[INVALID] for row in confusion.values()),
-        "macro_f1": _rate(sum(m["f1"] for m in per_label.values()), len(labels)),
+        "macro_f1": _rate(sum(per_label[label]["f1"] for label in scored), len(scored)),
+        "macro_f1_labels": scored,
         "labels": per_label,
         "confusion": confusion,
     }
@@ -182,8 +186,8 @@ def format_report(report: dict[str, Any], kind: str) -> str:
         confusion = [[label, *(str(v) for v in report["confusion"][label].values())] for label in labels]
         return "\n\n".join(
             [
-                f"accuracy {_of(report['correct'], n)}, macro F1 {report['macro_f1']:.3f}, "
-                f"invalid {report['invalid']}",
+                f"accuracy {_of(report['correct'], n)}, macro F1 {report['macro_f1']:.3f} "
+                f"(over the {len(report.get('macro_f1_labels', labels))} labels present or predicted), invalid {report['invalid']}",
                 _table(["label", "precision", "recall", "f1", "support"], per_label),
                 "confusion (rows: expected, columns: predicted)\n"
                 + _table(["", *labels, INVALID], confusion),

@@ -84,6 +84,7 @@ class GenerationProgress(RunEvents):
 
     # -- the bar ------------------------------------------------------------------------------
     def start(self, description: str, total: int) -> None:
+        self.stop()  # a run's later phases (retries, checks) start a bar of their own
         self.total = total
         self.started = time.perf_counter()
         if not self.enabled:

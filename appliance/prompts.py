@@ -53,13 +53,14 @@ import hashlib
 import random
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import jinja2
 import jinja2.meta
 import jinja2.sandbox
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import PromptError
 
@@ -70,8 +71,11 @@ else:  # pragma: no cover
 
 FENCE = "+++"
 VarValue = str | int | float | bool
+# The file's final newline is not part of the prompt: a body ending in a cue line ("Review:") must end
+# there, as every few-shot answer starts on its cue's own line; a trailing newline made the model end
+# or stop before writing anything.
 _ENV = jinja2.sandbox.SandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False
 )
 
 
@@ -94,6 +98,15 @@ class PromptHeader(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
     vars: dict[str, VarValue | list[VarValue]] = Field(default_factory=dict)
+
+    @field_validator("vars")
+    @classmethod
+    def _no_empty_lists(cls, value: dict[str, Any]) -> dict[str, Any]:
+        empty = [k for k, v in value.items() if isinstance(v, list) and not v]
+        if empty:
+            raise ValueError(f"{_plural('variable', empty)} {'is an' if len(empty) == 1 else 'are'} empty list "
+                             "(give at least one value to vary over)")
+        return value
 
 
 class PromptFile(BaseModel):
@@ -295,7 +308,7 @@ def parse_prompt(text: str, name: str, path: str | None = None) -> PromptFile:
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise PromptError(f"{where}: header key '{key}': {err['msg']}") from None
+        raise PromptError(f"{where}: header key '{key}': {err['msg'].removeprefix('Value error, ')}") from None
     if not body.strip():
         raise PromptError(f"{where}: the prompt has no text after its header")
     try:
@@ -333,6 +346,16 @@ def load_prompt(path: str | Path) -> PromptFile:
     if "\x00" in text:
         raise PromptError(f"prompt file {p} looks binary (it contains NUL bytes)")
     return parse_prompt(text, name=p.stem, path=str(p))
+
+
+def check_used(prompt: PromptFile, names: Iterable[str], what: str) -> None:
+    """Refuse values the prompt never uses (a misspelt `--var`, an axis the prompt does not vary): they
+    would be ignored silently while the prompt's defaults fill the variable it does use."""
+    unused = [n for n in names if n not in prompt.variables]
+    if unused:
+        has = ", ".join(prompt.variables) or "none"
+        raise PromptError(f"{what} {', '.join(repr(u) for u in unused)} not used by prompt {prompt.path or prompt.name} "
+                          f"(its variables: {has})")
 
 
 def parse_var(item: str) -> tuple[str, str]:

@@ -1,7 +1,7 @@
 """Filters: each looks at one output and gives a `Verdict` with a short, human reason.
 
-Filter names (the `filter` field, as stored in the `verdicts` table): `not_empty`, `length`, `json`,
-`echo`, `grounded`, `duplicate`. Every check is deterministic: the same text gives the same verdict.
+Filter names (the `filter` field, as stored in the `verdicts` table): `not_empty`, `truncated`, `length`,
+`json`, `fidelity`, `echo`, `grounded`, `duplicate`; `cue` records a stripped echo of the prompt's cue line. Every check is deterministic: the same text gives the same verdict.
 """
 
 from __future__ import annotations
@@ -155,13 +155,43 @@ def summarize_echo(metrics: list[EchoMetrics]) -> dict:
 # Simple checks.
 
 
-def check_not_empty(text: str, finish_reason: str | None = None, allow_truncated: bool = False) -> Verdict:
-    """Fail an empty or whitespace-only output, and one cut off by the token limit (`finish_reason == "length"`)."""
+def check_not_empty(text: str) -> Verdict:
+    """Fail an empty or whitespace-only output."""
     if not text.strip():
         return Verdict(filter="not_empty", passed=False, reason="output is empty")
-    if finish_reason == "length" and not allow_truncated:
-        return Verdict(filter="not_empty", passed=False, reason="output was cut off at the token limit (truncated)")
     return Verdict(filter="not_empty", passed=True, reason="output has text")
+
+
+def check_truncated(finish_reason: str | None, allow_truncated: bool = False) -> Verdict:
+    """Fail an output cut off by the token limit (`finish_reason == "length"`): it stops mid-thought."""
+    if finish_reason == "length" and not allow_truncated:
+        return Verdict(filter="truncated", passed=False, reason="output was cut off at the token limit")
+    how = "cut off at the token limit (allowed)" if finish_reason == "length" else f"output ended on its own ({finish_reason})"
+    return Verdict(filter="truncated", passed=True, reason=how)
+
+
+def cue_line(prompt: str) -> str | None:
+    """The prompt's last line when it is a cue the model answers after ("Review:", "Answer:"), else None."""
+    last = prompt.rstrip().rsplit("\n", 1)[-1].strip()
+    return last if last.endswith(":") and 1 < len(last) <= 40 else None
+
+
+def strip_cue(text: str, cue: str | None) -> tuple[str, int]:
+    """`text` without leading echoes of the prompt's cue line (a base model may repeat "Review:" before
+    answering), and how many were removed."""
+    if not cue:
+        return text, 0
+    n = 0
+    rest = text.lstrip()
+    while rest[: len(cue)].lower() == cue.lower():
+        rest, n = rest[len(cue):].lstrip(), n + 1
+    return (rest, n) if n else (text, 0)
+
+
+def cue_verdict(cue: str, n: int) -> Verdict:
+    """The record of a stripped cue echo (it passes: the output was kept without it)."""
+    times = "" if n == 1 else f" ({n} times)"
+    return Verdict(filter="cue", passed=True, score=float(n), reason=f"removed a leading echo of the prompt's cue line {cue!r}{times}")
 
 
 def check_length(

@@ -84,6 +84,8 @@ class Filters(_Strict):
     echo_max_ngram_overlap: float = Field(0.3, ge=0, le=1, description="annotated: share of output 3-grams in the instruction")
     echo_max_shared_run: int = Field(12, gt=0, description="annotated: longest run of output words copied verbatim")
     grounding_min_score: float = Field(0.5, ge=0, le=1, description="augmented: share of answer words found in the chunk")
+    fidelity: list[str] = Field(default_factory=list, description="synthetic: axes whose value the model re-labels each output with")
+    fidelity_prompt: str | None = Field(None, description="prompt file of the fidelity check (uses text, axis, values)")
 
 
 class Recipe(_Strict):
@@ -91,7 +93,7 @@ class Recipe(_Strict):
     name: str | None = None
     model: str
     prompt: str
-    count: int | None = Field(None, gt=0)
+    count: int | None = Field(None, gt=0, le=1_000_000)
     seed: int = Field(0, ge=0)
     system: str | None = Field(
         None, description="system prompt: the model's system message in chat mode, and written into exported examples"

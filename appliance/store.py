@@ -265,11 +265,19 @@ def _m004_chat(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE models ADD COLUMN chat_template_sha256 TEXT")  # the GGUF's own tokenizer.chat_template
 
 
+def _m005_provenance(db: sqlite_utils.Database) -> None:
+    # Numbered 5: 4 is taken by the chat-template migration being written beside this one.
+    for column, kind in (("appliance_version", "TEXT"), ("llama_cpp_version", "TEXT"), ("model_file", "TEXT"),
+                         ("model_quant", "TEXT"), ("model_params", "INTEGER"), ("prompt_sha256", "TEXT")):
+        db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
     (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
     (3, "task data and student evaluations: example task/split/confidence, evals, predictions", _m003_tasks),
     (4, "chat models: messages per generation, mode and template per run, template hash per model", _m004_chat),
+    (5, "provenance per run: appliance and llama.cpp versions, model file, quantization, parameters, prompt hash", _m005_provenance),
 ]
 
 
@@ -410,6 +418,9 @@ class Store:
     def start_run(self, **fields: Any) -> int:
         fields.setdefault("status", "running")
         fields.setdefault("started_at", utcnow())
+        from .provenance import run_fields
+
+        fields = {**run_fields(self.conn, fields.get("model_id"), fields.get("prompt_id")), **fields}
         for key in ("variables", "params", "plan", "schema", "config"):
             if key in fields:
                 value = fields.pop(key)
@@ -499,7 +510,7 @@ def _describe_sqlite_error(path: Path, exc: sqlite3.DatabaseError) -> str:
 
 @dataclass
 class WriterStats:
-    rows: int = 0
+    rows: int = 0  # rows stored (an item already stored is not counted again)
     commits: int = 0
     seconds: float = 0.0
 
@@ -560,10 +571,14 @@ class Writer:
         start = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            written = 0
             for row in rows:
-                insert_row(conn, self.table, row, on_conflict="ON CONFLICT(item_key) DO NOTHING")
+                cols = list(row)
+                cur = conn.execute(f"INSERT INTO {self.table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                                   "ON CONFLICT(item_key) DO NOTHING", [row[c] for c in cols])
+                written += cur.rowcount  # 0 for an item already stored
             conn.execute("COMMIT")
-            self.stats.rows += len(rows)
+            self.stats.rows += written
             self.stats.commits += 1
         except BaseException as exc:  # handed to the producer thread
             rollback(conn)

@@ -29,7 +29,8 @@ def test_generate_logs_every_output(run_cli, demo_model):
     assert len(gens) == 4
     runs = run_cli.table("runs")
     assert len(runs) == 1 and runs[0]["status"] == "completed" and runs[0]["requested"] == 4
-    assert runs[0]["model_sha256"] == run_cli.table("models")[0]["sha256"] or runs[0]["model_sha256"]
+    sha256 = run_cli.table("models")[0]["sha256"]
+    assert len(sha256) == 64 and runs[0]["model_sha256"] == sha256
     plan = json.loads(runs[0]["plan_json"])
     assert plan["fits"] and plan["n_parallel"] >= 1
     params = json.loads(runs[0]["params_json"])
@@ -205,6 +206,12 @@ def _make_bad_inputs(workdir: Path, demo_model: Path) -> dict[str, Path]:
         '[[tasks.labels]]\nname = "a"\ndescription = "a"\nexamples = ["a"]\n'
         '[[tasks.labels]]\nname = "a"\ndescription = "b"\nexamples = ["b"]\n'
     )
+    review = REPO / "prompts" / "product-review.md"
+    synthetic = f'kind = "synthetic"\nmodel = "{demo_model}"\nprompt = "{review}"\ncount = 2\n'
+    (bad / "axis.toml").write_text(synthetic + '[axes]\nitem = ["a bicycle helmet"]\ntone = ["disappointed"]\n')
+    (bad / "vars.toml").write_text(synthetic + '[vars]\nprodcut = "a desk lamp"\n')
+    (bad / "fidelity.toml").write_text(synthetic + '[axes]\ntone = ["calm"]\n[filters]\nfidelity = ["mood"]\n')
+    (bad / "emptyvars.md").write_text('+++\n[vars]\ntone = []\n+++\nA {{ tone }} review:\n')
     (bad / "sources").mkdir()
     (bad / "empty-sources.toml").write_text(
         f'kind = "annotated"\nmodel = "{demo_model}"\nprompt = "{REPO / "prompts" / "annotate-instruction.md"}"\nsources = ["sources"]\n'
@@ -227,6 +234,12 @@ BAD_CASES = [
     ("prompt syntax error", ["generate", "bad/syntax.md", "-m", "DEMO"], "template error"),
     ("prompt variable not given", ["generate", "bad/needsvar.md", "-m", "DEMO"], "'who' not given"),
     ("bad --var", ["generate", "prompts/product-review.md", "-m", "DEMO", "--var", "oops"], "--var expects key=value"),
+    ("misspelt --var", ["generate", "prompts/product-review.md", "-m", "DEMO", "--var", "prodcut=a desk lamp"],
+     "--var 'prodcut' not used by prompt prompts/product-review.md (its variables: product, tone)"),
+    ("empty list in [vars]", ["generate", "bad/emptyvars.md", "-m", "DEMO"], "variable 'tone' is an empty list"),
+    ("recipe axis the prompt does not use", ["run", "bad/axis.toml"], "axis 'item' not used by prompt"),
+    ("recipe [vars] the prompt does not use", ["run", "bad/vars.toml"], "[vars] 'prodcut' not used by prompt"),
+    ("fidelity of an unknown axis", ["run", "bad/fidelity.toml"], "filters.fidelity names 'mood', not an axis (axes: tone)"),
     ("schema not JSON", ["generate", "prompts/ticket-triage.md", "-m", "DEMO", "--json-schema", "bad/schema-notjson.json"], "invalid JSON schema"),
     ("schema invalid", ["generate", "prompts/ticket-triage.md", "-m", "DEMO", "--json-schema", "bad/schema-bad.json"], "invalid JSON schema"),
     ("schema missing", ["generate", "prompts/ticket-triage.md", "-m", "DEMO", "--json-schema", "bad/none.json"], "no such JSON schema"),

@@ -19,6 +19,7 @@ from appliance.export import (
     to_record,
     write_jsonl,
 )
+from appliance.store import Store
 
 WITH_SYSTEM = Example(
     id="ex1",
@@ -240,3 +241,74 @@ def test_dataset_card_fences_survive_backticks_and_nothing_dropped() -> None:
     assert "Nothing was dropped." in card
     empty = dataset_card("empty", {"train": [], "test": []}, {}, "jsonl")
     assert "No examples." in empty and "| train | 0 | - | 0 |" in empty
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's stored splits (task runs) survive export: the leak of issue 13.
+
+
+def _task_like_run(path: Path, n: int = 20) -> tuple[Store, int]:
+    """A real SQLite file holding a run whose kept examples carry stored splits, as a task run stores them."""
+    store = Store(path)
+    run_id = store.start_run(kind="task", name="intents", requested=n, config={"spec": {"split": "train=0.7,test=0.3"}})
+    rng = random.Random(3)
+    with store.transaction() as conn:
+        for i in range(n):
+            gen = conn.execute(
+                "INSERT INTO generations (run_id, item_key, item_index, rendered_prompt, output, seed, tokens_in, tokens_out, ms, "
+                "finish_reason, created_at) VALUES (?, ?, ?, 'p', 'o', ?, 1, 1, 1, 'stop', 'now')", [run_id, f"k{i}", i, i]).lastrowid
+            label = "lights_on" if i % 2 else "lights_off"
+            conn.execute(
+                "INSERT INTO examples (run_id, generation_id, instruction, output, label, task, group_key, kept, split, created_at) "
+                "VALUES (?, ?, ?, ?, ?, 'intent', ?, 1, 'train', 'now')",
+                [run_id, gen, _sentence(rng, 7), label, label, f"intent:{i}"])
+    return store, run_id
+
+
+def _ids(path: Path) -> set[str]:
+    return {json.loads(line)["id"] for line in path.read_text().splitlines()}
+
+
+def test_export_keeps_a_runs_stored_splits_so_no_test_item_is_trained_on(tmp_path: Path) -> None:
+    from appliance.export import export_run
+
+    store, run_id = _task_like_run(tmp_path / "a.db")
+    # Today's leak, reproduced: splitting again at export (what `export --split` did) puts items in train that
+    # the run stored as test, the split `eval` scores. Store as test some items that the re-split puts in train.
+    again = export_run(store, run_id, "jsonl", tmp_path / "again.jsonl", "train=0.7,test=0.3", seed=0, resplit=True)
+    stored_test = sorted(_ids(again.files["train"][0]), key=int)[:6]
+    with store.transaction() as conn:
+        conn.execute(f"UPDATE examples SET split = 'test' WHERE id IN ({', '.join(stored_test)})")
+    leaked = export_run(store, run_id, "jsonl", tmp_path / "leak.jsonl", "train=0.7,test=0.3", seed=0, resplit=True)
+    assert set(stored_test) & _ids(leaked.files["train"][0])  # the leak, now only on explicit request
+    card = leaked.card.read_text()
+    assert "RE-SPLIT with --resplit, ignoring the run's stored splits (train=0.7,test=0.3)" in card
+
+    # Without --split the stored splits are written as they are: no stored test item in a training file.
+    kept = export_run(store, run_id, "jsonl", tmp_path / "d.jsonl")
+    assert set(kept.files) == {"train", "test"}
+    assert _ids(kept.files["test"][0]) == set(stored_test) and not set(stored_test) & _ids(kept.files["train"][0])
+    assert kept.files["train"][0] == tmp_path / "d.train.jsonl"
+    assert "- splits: as stored by run 1 (train=0.7,test=0.3), the splits `eval` uses" in kept.card.read_text()
+    # The same ratios as stored are the stored splits; different ones are refused, naming the stored splits.
+    same = export_run(store, run_id, "jsonl", tmp_path / "s.jsonl", "test=0.3,train=0.7", seed=5)
+    assert _ids(same.files["test"][0]) == set(stored_test)
+    with pytest.raises(ExportError) as err:
+        export_run(store, run_id, "jsonl", tmp_path / "x.jsonl", "train=0.8,test=0.2")
+    assert str(err.value) == ("run 1 stored its splits (train=0.7,test=0.3; `eval` tests on them): export without --split "
+                              "to keep them, or add --resplit to split again (the card records it)")
+    with pytest.raises(ExportError, match="--resplit needs --split"):
+        export_run(store, run_id, "jsonl", tmp_path / "x.jsonl", resplit=True)
+
+
+def test_card_measures_near_duplicates_across_splits_and_records_provenance(tmp_path: Path) -> None:
+    from appliance.export import export_run
+
+    store, run_id = _task_like_run(tmp_path / "a.db", n=6)
+    with store.transaction() as conn:  # item 5 repeats item 1 (text and label), but the run stored them in different splits
+        text = conn.execute("SELECT instruction FROM examples WHERE id = 1").fetchone()[0]
+        conn.execute("UPDATE examples SET instruction = ?, split = 'test' WHERE id = 5", [text])
+    card = export_run(store, run_id, "jsonl", tmp_path / "d.jsonl").card.read_text()
+    assert "- near-duplicates across splits: 2 of 6 examples (33.3%) have a near-duplicate" in card
+    assert "## Provenance" in card and "- appliance 0.1.0, llama-cpp-python " in card
+    assert "- task spec: `-`, sha256 `-`" in card and "- prompt: built from the task spec" in card

@@ -50,10 +50,19 @@ def test_classification_zero_over_zero_is_zero():
     assert r["confusion"]["a"] == {"a": 1, "d": 0, INVALID: 1}  # a prediction outside the labels is invalid
     d = r["labels"]["d"]  # never expected, never predicted
     assert (d["precision"], d["recall"], d["f1"], d["support"]) == (0.0, 0.0, 0.0, 0)
-    # a: P 1/1, R 1/2, F1 2/3; macro over both labels = (2/3 + 0) / 2
-    assert r["macro_f1"] == pytest.approx(1 / 3) and r["accuracy"] == 0.5
+    # a: P 1/1, R 1/2, F1 2/3; d is neither expected nor predicted, so macro F1 is over a alone
+    assert r["macro_f1"] == pytest.approx(2 / 3) and r["macro_f1_labels"] == ["a"] and r["accuracy"] == 0.5
     empty = classification_report([], ["a", "b"])
-    assert (empty["accuracy"], empty["macro_f1"], empty["count"]) == (0.0, 0.0, 0)
+    assert (empty["accuracy"], empty["macro_f1"], empty["count"], empty["macro_f1_labels"]) == (0.0, 0.0, 0, [])
+
+
+def test_macro_f1_leaves_out_labels_never_expected_nor_predicted():
+    """All 3 right with 4 more labels absent from the test split and from the predictions: macro F1 is 1, not 3/7."""
+    r = classification_report([("a", "a"), ("b", "b"), ("c", "c")], ["a", "b", "c", "d", "e", "f", "g"])
+    assert r["accuracy"] == 1.0 and r["macro_f1"] == 1.0 and r["macro_f1_labels"] == ["a", "b", "c"]
+    # a label that is predicted but never expected counts: its precision is 0
+    r = classification_report([("a", "a"), ("a", "e")], ["a", "b", "e"])
+    assert r["macro_f1_labels"] == ["a", "e"] and r["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_classification_rejects_unknown_expected_labels():
@@ -135,7 +144,7 @@ def test_transform_by_hand():
 def test_format_report_tables():
     text = format_report(classification_report(PAIRS, LABELS), "classify")
     lines = text.splitlines()
-    assert lines[0] == "accuracy 0.600 (6/10), macro F1 0.635, invalid 1"
+    assert lines[0] == "accuracy 0.600 (6/10), macro F1 0.635 (over the 3 labels present or predicted), invalid 1"
     assert "label  precision  recall     f1  support" in lines
     assert "a          0.667   0.500  0.571        4" in lines
     assert "confusion (rows: expected, columns: predicted)" in lines

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from appliance.datasets import _ENV
 from appliance.errors import RunInterrupted, with_article

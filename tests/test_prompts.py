@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.errors import PromptError
-from appliance.prompts import fewshot_cue, load_prompt, parse_prompt, parse_var
+from appliance.prompts import check_used, fewshot_cue, load_prompt, parse_prompt, parse_var
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,9 +24,31 @@ def test_header_body_and_variables():
     assert prompt.name == "x"
     assert prompt.header.stop == ["\n\n"] and prompt.header.max_tokens == 5
     assert prompt.variables == ["a", "b"]
-    assert prompt.render({"a": 1, "b": 2}) == "A=1 B=2\n"
+    assert prompt.render({"a": 1, "b": 2}) == "A=1 B=2"  # the file's final newline is not part of the prompt
     with pytest.raises(PromptError, match="'b' not given: --var b=..."):
         prompt.render(prompt.values_for_item({}, 0))
+
+
+def test_a_prompt_ends_on_its_cue_line():
+    """The shipped review prompt ends with "Review:" (every few-shot answer starts on its cue's line), not
+    with the file's newline, which made the model stop before writing anything."""
+    prompt = load_prompt(REPO / "prompts" / "product-review.md")
+    text = prompt.render(prompt.values_for_item({}, seed=3))
+    assert text.endswith("\nReview:")
+    assert parse_prompt("a {{ x }}\n\n", "two").render({"x": 1}) == "a 1\n"  # only the file's own final newline goes
+
+
+def test_empty_list_in_vars_is_an_error():
+    with pytest.raises(PromptError, match="header key 'vars': variable 'tone' is an empty list"):
+        parse_prompt('+++\n[vars]\ntone = []\nproduct = ["x"]\n+++\n{{ tone }} {{ product }}', "f")
+
+
+def test_a_value_the_prompt_does_not_use_is_refused():
+    prompt = load_prompt(REPO / "prompts" / "product-review.md")
+    check_used(prompt, {"product": "a desk lamp", "tone": "calm"}, "--var")
+    with pytest.raises(PromptError) as err:
+        check_used(prompt, {"prodcut": "a desk lamp"}, "--var")
+    assert str(err.value) == (f"--var 'prodcut' not used by prompt {prompt.path} (its variables: product, tone)")
 
 
 def test_list_defaults_vary_by_seed_and_given_values_win():

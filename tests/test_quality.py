@@ -12,6 +12,9 @@ from appliance.quality import (
     check_json,
     check_length,
     check_not_empty,
+    check_truncated,
+    cue_line,
+    strip_cue,
     echo_metrics,
     grounding_score,
     summarize_echo,
@@ -103,13 +106,25 @@ def test_summarize_echo_gives_the_distribution() -> None:
     assert summarize_echo([]) == {"count": 0}
 
 
-def test_check_not_empty() -> None:
+def test_check_not_empty_and_truncated_are_separate_filters() -> None:
     assert check_not_empty("Speak, speak.").passed
-    assert not check_not_empty("  \n\t").passed
-    truncated = check_not_empty("We are accounted poor", finish_reason="length")
-    assert not truncated.passed and "truncated" in truncated.reason
-    assert check_not_empty("We are accounted poor", finish_reason="length", allow_truncated=True).passed
-    assert check_not_empty("done", finish_reason="stop").passed
+    empty = check_not_empty("  \n\t")
+    assert not empty.passed and (empty.filter, empty.reason) == ("not_empty", "output is empty")
+    truncated = check_truncated("length")
+    assert not truncated.passed and truncated.filter == "truncated" and "cut off at the token limit" in truncated.reason
+    assert check_truncated("length", allow_truncated=True).passed
+    assert check_truncated("stop").passed and check_truncated("eos").passed
+
+
+def test_cue_echo_is_found_and_stripped() -> None:
+    prompt = "Product: a wool blanket\nTone: calm\nReview: Soft and warm.\n\nProduct: a lamp\nTone: calm\nReview:"
+    assert cue_line(prompt) == "Review:" and cue_line(prompt + "\n") == "Review:"
+    assert cue_line("Write a poem about the sea.") is None  # no cue: nothing is stripped
+    assert strip_cue(" Review: Bright enough.", "Review:") == ("Bright enough.", 1)
+    assert strip_cue("Review:\nreview: Bright.", "Review:") == ("Bright.", 2)
+    assert strip_cue("Reviews are mixed.", "Review:") == ("Reviews are mixed.", 0)
+    assert strip_cue("A Review: nested", "Review:") == ("A Review: nested", 0)
+    assert strip_cue("Review:", None) == ("Review:", 0)
 
 
 def test_check_length() -> None:

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from appliance.datasets import run_recipe
-from appliance.events import RunEvents
-from appliance.models import Registry
-from appliance.recipe import load_recipe
+from appliance.datasets import judge, run_recipe
 from appliance.errors import RunInterrupted
+from appliance.events import RunEvents
+from appliance.fidelity import FIDELITY_BASE
+from appliance.models import Registry
+from appliance.recipe import Recipe, load_recipe
+from appliance.retry import ITEM_LIMIT, RETRY_BUDGET
 from appliance.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,17 +41,17 @@ def shrink(path: Path, **changes: str) -> Path:
 
 @pytest.mark.parametrize("fmt", ["openai", "sharegpt", "alpaca", "jsonl"])
 def test_synthetic_recipe_runs_and_exports(run_cli, recipes, fmt):
-    recipe = shrink(recipes / "synthetic-reviews.toml", count="6")
+    recipe = shrink(recipes / "synthetic-reviews.toml", count="6", fidelity="[]")
     result = run_cli("run", str(recipe), "--quiet")
     assert "6/6 generated" in result.stderr
     runs = run_cli.table("runs")
     assert runs[0]["kind"] == "synthetic" and runs[0]["status"] == "completed"
-    gens = run_cli.table("generations")
+    gens = [g for g in run_cli.table("generations") if g["item_index"] < ITEM_LIMIT]  # the items, not retries of empty ones
     assert len(gens) == 6 and len({g["item_index"] for g in gens}) == 6
     combos = {(json.loads(g["variables_json"])["product"], json.loads(g["variables_json"])["tone"]) for g in gens}
     assert len(combos) == 6  # axes combinations are not repeated before all are used
     verdicts = run_cli.table("verdicts")
-    assert {v["filter"] for v in verdicts} >= {"not_empty", "length"}
+    assert {v["filter"] for v in verdicts} >= {"not_empty", "truncated", "length"}
     kept = [e for e in run_cli.table("examples") if e["kept"]]
     out = Path("reviews.jsonl")
     exported = run_cli("export", "1", "--format", fmt, "--out", str(out))
@@ -101,7 +103,7 @@ def test_augmented_recipe_keeps_lineage(run_cli, recipes):
 
 
 def test_interrupted_run_resumes_to_exactly_n_items(workdir, recipes):
-    loaded = load_recipe(shrink(recipes / "synthetic-reviews.toml", count="8"))
+    loaded = load_recipe(shrink(recipes / "synthetic-reviews.toml", count="8", fidelity="[]"))
     store = Store(workdir / "appliance.db")
     seen = []
 
@@ -121,10 +123,99 @@ def test_interrupted_run_resumes_to_exactly_n_items(workdir, recipes):
     summary = run_recipe(store, Registry(store), loaded, n_parallel=2)
     assert summary.resumed and summary.run_id == run["id"]
     gens = store.rows("select item_index, item_key from generations where run_id = ?", [run["id"]])
-    assert len(gens) == 8 and len({g["item_index"] for g in gens}) == 8 and len({g["item_key"] for g in gens}) == 8
+    items = [g for g in gens if g["item_index"] < ITEM_LIMIT]
+    assert len(items) == 8 and len({g["item_index"] for g in items}) == 8 and len({g["item_key"] for g in gens}) == len(gens)
     assert store.rows("select status from runs")[0]["status"] == "completed"
     again = run_recipe(store, Registry(store), loaded)  # complete: nothing generated again
-    assert again.execution is None and store.rows("select count(*) n from generations")[0]["n"] == 8
+    assert again.execution is None and store.rows("select count(*) n from generations")[0]["n"] == len(gens)
+
+
+def test_fidelity_cue_and_provenance_on_the_shipped_recipe(run_cli, recipes):
+    """Each output is re-labelled with its tone under a grammar; mismatches are dropped with the predicted
+    value named; the run row and the card carry provenance and the fidelity rate."""
+    recipe = shrink(recipes / "synthetic-reviews.toml", count="6")
+    result = run_cli("run", str(recipe), "--quiet")
+    d = sqlite_utils.Database(run_cli.db)
+    tones = ["enthusiastic", "disappointed", "matter-of-fact"]
+    checks = list(d.query("select g.*, p.name prompt from generations g join prompts p on p.id = g.prompt_id "
+                          f"where item_index >= {FIDELITY_BASE}"))
+    finals = {g["id"]: g for g in d.query(f"select * from generations where item_index < {ITEM_LIMIT * (RETRY_BUDGET + 1)}")}
+    assert checks and all(c["prompt"] == "review-tone-check" for c in checks)
+    verdicts = {v["generation_id"]: v for v in d.query("select * from verdicts where filter = 'fidelity'")}
+    examples = {e["generation_id"]: e for e in d["examples"].rows}
+    for c in checks:
+        v = json.loads(c["variables_json"])
+        labelled = c["output"].strip()
+        assert labelled in tones  # the grammar allows nothing else
+        asked = json.loads(finals[v["generation_id"]]["variables_json"])["tone"]
+        assert v["expected"] == asked and v["axis"] == "tone"
+        verdict = verdicts[v["generation_id"]]
+        assert bool(verdict["passed"]) == (labelled == asked) and repr(labelled) in verdict["reason"]
+        if labelled != asked:
+            assert examples[v["generation_id"]]["kept"] == 0
+    hits = sum(v["passed"] for v in verdicts.values())
+    assert f"fidelity tone: {hits} of {len(checks)} outputs labelled as asked" in result.stderr
+    assert not any(e["output"].startswith("Review:") for e in examples.values())
+    run = next(iter(d["runs"].rows))
+    assert run["status"] == "completed" and "internal error" not in result.stderr
+    if len(checks) >= 5 and len({c["output"] for c in checks}) == 1:
+        assert "whatever was asked" in result.stderr  # a check that labels everything alike is called out
+    model = next(iter(d["models"].rows))
+    prompt = next(p for p in d["prompts"].rows if p["name"] == "product-review")
+    assert (run["model_file"], run["model_quant"], run["prompt_sha256"]) == (Path(model["path"]).name, "Q4_K_M", prompt["sha256"])
+    assert run["llama_cpp_version"] and run["appliance_version"] and run["model_params"] == model["n_params"]
+    assert sum(e["kept"] for e in examples.values())
+    run_cli("export", "1", "--out", "reviews.jsonl")
+    card = Path("reviews.card.md").read_text()
+    assert "## Fidelity" in card and f"| tone | {hits} | {len(checks)} |" in card
+    assert model["sha256"] in card and prompt["sha256"] in card and "## Appendix: prompts" in card
+    assert "Tone: {{ tone }}" in card and "llama-cpp-python" in card and "near-duplicates across splits: n/a" in card
+
+
+def test_empty_outputs_are_retried_with_new_seeds_then_dropped_once(run_cli, recipes):
+    """A stop string the model always writes first (a space) makes every attempt empty: each item is tried
+    1 + RETRY_BUDGET times with distinct seeds, recorded, then dropped once, under not_empty."""
+    recipe = shrink(recipes / "synthetic-reviews.toml", count="3", fidelity="[]")
+    recipe.write_text(recipe.read_text().replace("max_tokens = 64", 'max_tokens = 8\nstop = [" "]'))
+    result = run_cli("run", str(recipe), "--quiet", ok=False)
+    assert result.exit_code == 1 and "kept nothing: dropped 3 by not_empty" in result.stderr
+    gens = run_cli.table("generations")
+    assert sorted(g["item_index"] for g in gens) == sorted(a * ITEM_LIMIT + i for a in range(RETRY_BUDGET + 1) for i in range(3))
+    assert len({g["seed"] for g in gens}) == len(gens) and all(g["output"].strip() == "" for g in gens)
+    events = [e["message"] for e in run_cli.table("run_events")]
+    assert [e.split(":")[0] for e in events] == [f"retry {a} of {RETRY_BUDGET}" for a in range(1, RETRY_BUDGET + 1)]
+    assert "3 empty outputs generated again with new seeds (items 1, 2, 3)" in events[0]
+    replaced = [v for v in run_cli.table("verdicts") if "generated again with a new seed as item" in v["reason"]]
+    assert len(replaced) == 3 * RETRY_BUDGET
+    assert len(run_cli.table("examples")) == 3  # one per item, its final attempt
+    assert "empty outputs generated again with a new seed: 6" in result.stderr
+    runs = run_cli("runs").stdout
+    assert "3/3 done" in runs and "(dropped: not_empty 3)" in runs  # not also under length: counted once
+    run_cli("run", str(recipe), "--quiet", ok=False)  # the completed run again: nothing regenerated
+    assert len(run_cli.table("generations")) == len(gens)
+
+
+def test_judge_uses_the_final_attempt_and_strips_the_cue_echo():
+    """Pure judging of stored rows: a retried item is judged by its last attempt; an echo of "Review:" is
+    removed and recorded; an output failing two filters is dropped under the first."""
+    recipe = Recipe(kind="synthetic", model="m", prompt="p.md", count=3, axes={"tone": ["calm"]},
+                    instruction="Write a {{ tone }} review.", filters={"min_words": 3})
+    prompt = "Tone: calm\nReview: Fine.\n\nTone: calm\nReview:"
+
+    def gen(id_: int, index: int, output: str, finish: str = "stop") -> dict:
+        return {"id": id_, "item_index": index, "output": output, "rendered_prompt": prompt, "finish_reason": finish,
+                "chunk_id": None, "variables_json": '{"tone": "calm"}'}
+
+    gens = [gen(1, 0, ""), gen(2, 1, " Review: Quiet and warm, as promised."), gen(3, 2, " Ok", "length"),
+            gen(4, ITEM_LIMIT, " A kettle that boils without fuss.")]
+    cands = {c.generation_id: c for c in judge(recipe, gens, {}, None)}
+    assert cands[1].replaced and [v.filter for v in cands[1].verdicts] == ["not_empty"]
+    assert f"as item {ITEM_LIMIT}" in cands[1].verdicts[0].reason
+    assert cands[4].kept and cands[4].item_index == 0 and cands[4].instruction == "Write a calm review."
+    assert cands[2].kept and cands[2].output == "Quiet and warm, as promised."
+    assert cands[2].verdicts[0].filter == "cue" and "'Review:'" in cands[2].verdicts[0].reason
+    failed = [v.filter for v in cands[3].verdicts if not v.passed]
+    assert failed == ["truncated", "length"]  # stored in this order; the summary counts it under truncated
 
 
 def test_resume_refuses_a_changed_recipe_and_new_run_starts_over(run_cli, recipes):

@@ -37,9 +37,28 @@ def test_writer_is_idempotent_and_feeds_full_text_search(tmp_path):
     stats = writer.close()
     db = sqlite_utils.Database(store.path)
     assert db["generations"].count == 2
-    assert stats.rows == 3
+    assert stats.rows == 2  # the row written twice is stored, and counted, once
     hits = db.execute("SELECT rowid FROM generations_fts WHERE generations_fts MATCH 'dog'").fetchall()
     assert len(hits) == 1  # porter stemming: "dog" finds "dogs"
+
+
+def test_a_run_row_records_its_provenance(tmp_path):
+    import importlib.metadata
+
+    from appliance import __version__
+
+    store = Store(tmp_path / "a.db")
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO models (id, name, path, origin, sha256, file_size, mtime_ns, file_type, n_params, added_at) "
+            "VALUES (1, 'm', '/models/tiny-Q4_K_M.gguf', 'added', 'abc', 10, 0, 'Q4_K_M', 270000000, 'now')")
+    prompt_id = store.save_prompt("p", "Hello {{ x }}", "f00d", None)
+    run_id = store.start_run(kind="generate", requested=1, model_id=1, prompt_id=prompt_id)
+    run = store.rows("SELECT * FROM runs WHERE id = ?", [run_id])[0]
+    assert (run["model_file"], run["model_quant"], run["model_params"], run["prompt_sha256"]) == (
+        "tiny-Q4_K_M.gguf", "Q4_K_M", 270000000, "f00d")
+    assert run["appliance_version"] == __version__
+    assert run["llama_cpp_version"] == importlib.metadata.version("llama_cpp_python")
 
 
 def test_writer_reports_errors_to_the_producer(tmp_path):
