@@ -46,14 +46,14 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys, de
 def test_calling_the_cli_in_process_leaves_socket_and_signals_alone(workdir):
     connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
     handler = signal.getsignal(signal.SIGTERM)
-    result = CliRunner().invoke(cli, ["--db", str(workdir / "a.db"), "runs"])
+    result = CliRunner().invoke(cli, ["--db", str(workdir / "a.db"), "db", "path"])
     assert result.exit_code == 0
     assert socket.socket.connect is connect and socket.getaddrinfo is getaddrinfo
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_the_console_entry_point_arms_the_guard(workdir, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["appliance", "--db", str(workdir / "a.db"), "runs"])
+    monkeypatch.setattr(sys, "argv", ["appliance", "--db", str(workdir / "a.db"), "db", "path"])
     handler = signal.getsignal(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit) as exit_info:

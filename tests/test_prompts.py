@@ -170,7 +170,7 @@ def test_turns_become_messages_in_chat_mode_and_blocks_in_completion_mode():
 def test_plain_body_messages_and_completion():
     prompt = parse_prompt('+++\nsystem = "Be {{ style }}."\nmode = "chat"\n+++\nWhat is {{ x }}?\n', "q")
     assert prompt.header.mode == "chat" and prompt.turns == []
-    assert prompt.render_completion({"x": "2+2", "style": "brief"}) == prompt.render({"x": "2+2"}) == "What is 2+2?\n"
+    assert prompt.render_completion({"x": "2+2", "style": "brief"}) == prompt.render({"x": "2+2"}) == "What is 2+2?"
     assert prompt.render_messages({"x": "2+2", "style": "brief"}) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is 2+2?"},
