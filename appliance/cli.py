@@ -493,10 +493,9 @@ def eval_cmd(ctx: click.Context, student: str, dataset_ref: str, split: str, n_p
     """Run STUDENT (a GGUF) on a task run's held-out examples with the same prompt and constraints;
     report accuracy and per-label P/R/F1 (classify), JSON validity and per-field exact match (extract)."""
     from .evaluate import evaluate
+    from .logs import resolve_run
     from .metrics import format_report
     from .progress import GenerationProgress
-
-    from .logs import resolve_run
 
     store = _store(ctx)
     dataset_run = resolve_run(store, dataset_ref)

@@ -141,6 +141,6 @@ def resolve_run(store: Store, ref: str) -> int:
         rows = store.rows("SELECT id FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1", [ref])
     if not rows:
         names = [r["name"] for r in store.rows("SELECT DISTINCT name FROM runs WHERE name IS NOT NULL ORDER BY name")]
-        known = f"; run names: {', '.join(names)}" if names else ""
+        known = f"; run names: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else ""
         raise ApplianceError(f"no run {ref if ref.isdigit() else repr(ref)}: give a run id, `last` or a run name (see `appliance runs`){known}")
     return rows[0]["id"]
