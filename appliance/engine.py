@@ -6,8 +6,15 @@ Bulk data generation is many short outputs behind one long shared prompt prefix,
   3. runs up to `n_parallel` sequences at once: each starts as a copy of the holder's KV cells
      (`llama_memory_seq_cp`), then its own suffix and its sampled tokens go into the same
      `llama_decode` batch as every other running sequence's next token (continuous batching: a
-     finished sequence's slot is refilled at once),
-  4. samples each sequence with its own sampler chain and seed (and grammar, for JSON schemas).
+     finished sequence's slot is refilled at once); requests with identical prompts (k samples of
+     one input) decode that prompt once and copy its cells,
+  4. samples each sequence with its own sampler chain and seed; a grammar (appliance.grammar) checks
+     only the sampled token, masks the logits only when it rejects it, and appends the tokens it
+     forces without sampling them (they are decoded with everyone else's next tokens).
+
+Sampling reads each step's logits as one numpy matrix: greedy is a row's argmax, and a chain that
+starts with top-k is given only the row's top candidates (llama_sampler_sample would copy all n_vocab
+logits per sequence per step); the same seed draws the same tokens either way.
 
 Outputs come back as they finish. The KV cache is unified (all sequences share its cells), so the
 context the plan gives is prefix + n_parallel x (suffix + max_tokens).
@@ -21,13 +28,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from .errors import GenerationError
+from .grammar import Constrainer, Constraint, Grammar, GrammarError, as_grammar
 
 _LOG_LINES: list[str] = []
 _log_callback = None  # keeps the ctypes callback alive
@@ -79,7 +87,10 @@ class Request:
     key: Any
     prompt: str
     seed: int
-    grammar: str | None = None  # GBNF for this request; else the engine's
+    grammar: Grammar | str | None = None  # a Grammar, or GBNF text; else the engine's grammar
+    params: SamplingParams | None = None  # this request's limits and sampling; else generate()'s params
+    tokens: list[int] | None = None  # the prompt already tokenized (used as is; `prompt` is then only a label)
+    add_bos: bool = True  # False for prompts that already start with the BOS text (chat-rendered)
 
 
 @dataclass
@@ -88,53 +99,91 @@ class Completion:
     seed: int
     text: str
     tokens_in: int
-    tokens_out: int
-    finish_reason: str  # eos | stop | length
+    tokens_out: int  # sampled and forced (jump-forward) tokens, an end-of-generation token included
+    finish_reason: str  # eos (the model's end token, or the grammar's output complete) | stop | length
     ms: int
     parallel: int  # sequences decoding together when this one finished
 
 
 @dataclass
 class EngineStats:
+    """Counters of an engine's life (Engine.stats: added up when each generate() call ends) or of its
+    latest generate() call (Engine.last, counted as it runs; no model loads)."""
+
     decode_calls: int = 0
     prompt_tokens: int = 0  # tokens decoded for prompts (the shared prefix counted once)
-    completion_tokens: int = 0
-    shared_prefix_tokens: int = 0
+    completion_tokens: int = 0  # sampled + forced
+    shared_prefix_tokens: int = 0  # the common prefix of all prompts, decoded once
+    shared_prompt_tokens: int = 0  # prompt tokens not decoded: copied from an identical prompt's sequence
+    forced_tokens: int = 0  # appended without sampling because the grammar allowed nothing else
+    grammar_resamples: int = 0  # sampled tokens the grammar rejected (masked and sampled again)
     decode_seconds: float = 0.0
+    sample_seconds: float = 0.0  # sampling, grammar checks, masks and forced tokens
+    grammar_init_seconds: float = 0.0  # building the grammar tokenizer (once per engine)
+    model_loads: int = 0
+    load_seconds: float = 0.0
     retries: list[str] = field(default_factory=list)  # decode failures that shrank the batch
+
+    def add(self, other: EngineStats) -> None:
+        """Add another call's counters (model loads are the engine's, not added)."""
+        for f in fields(self):
+            if f.name in ("model_loads", "load_seconds"):
+                continue
+            if f.name == "shared_prefix_tokens":
+                self.shared_prefix_tokens = other.shared_prefix_tokens
+            elif f.name == "retries":
+                self.retries.extend(other.retries)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass
 class _Slot:
     seq: int
     request: Request | None = None
-    tokens: list[int] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)  # prompt tokens still to decode
+    index: int = -1  # the request's index in generate()'s list
+    params: SamplingParams | None = None
+    tokens: list[int] = field(default_factory=list)  # prompt
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to decode (then tokens forced before sampling)
+    prompt_left: int = 0  # how many of `pending` are the prompt's
+    feed: list[int] = field(default_factory=list)  # sampled (and forced) tokens to decode next; logits for the last
     pos: int = 0
     n_out: int = 0
     out: bytearray = field(default_factory=bytearray)
     sampler: Any = None
+    fast: bool = False  # drawn by Engine._draw from numpy candidates, accepted once (else llama_sampler_sample)
+    constraint: Constraint | None = None
+    group: int | None = None  # requests with identical prompt tokens share a group
+    waiting: bool = False  # for a same-group sequence to decode the prompt, to copy its cells
     started: float = 0.0
-    last: int | None = None  # sampled token to feed next
-    finish: str | None = None  # set to "eos" when the model ends the sequence
+    finish: str | None = None  # "eos" when the model or the grammar ends the sequence
+
+
+_FORCED_MAX = 64  # forced tokens appended per step at most (they must fit one batch with everyone else's)
 
 
 class Engine:
     """A loaded model with a context shaped by a plan (`appliance.planner.Plan`).
 
-    One Engine per process; never share it across threads.
+    One Engine per process; never share it across threads. generate() may be called any number of
+    times, one at a time (each call starts from an empty KV cache); `last` counts the latest call,
+    `stats` all of them.
     """
 
-    def __init__(self, model_path: str | Path, plan: Any, *, grammar: str | None = None) -> None:
+    def __init__(self, model_path: str | Path, plan: Any, *, grammar: Grammar | str | None = None) -> None:
         import llama_cpp
 
         self._ll = llama_cpp
         self.plan = plan
-        self.grammar = grammar
         self.model = self.ctx = None
         self.batch = None
-        self.stats = EngineStats()
+        self._grammars: dict[str, Grammar | None] = {}
+        self.grammar = self._grammar(grammar)
+        self.stats = EngineStats()  # this engine's life (model loads included)
+        self.last = EngineStats()  # the latest generate() call
         _install_log_capture()
+        _LOG_LINES.clear()
+        start = time.perf_counter()
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         for key, value in plan.model_params().items():
@@ -166,30 +215,65 @@ class Engine:
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}
+        self._produced = 0  # output tokens appended outside a sampling step (forced at a sequence's start)
+        self.fast_sampling = True  # False: every token through llama_sampler_sample (for comparisons)
+        self._cand_buf = _token_data(256)
+        self._full_buf: Any = None
+        self._cand_arr = llama_cpp.llama_token_data_array()
+        self._token_data_p = ctypes.POINTER(llama_cpp.llama_token_data)
+        self._constrainer = Constrainer(self.vocab)
+        self.stats.model_loads = 1
+        self.stats.load_seconds = time.perf_counter() - start
 
     # -- text <-> tokens ------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return _tokenize(self.vocab, text)
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Tokens of a prompt; with add_bos False the text is taken as it is (a chat-rendered prompt
+        carries its own BOS text, parsed as the BOS token)."""
+        return _tokenize(self.vocab, text, add_special=add_bos)
 
     def piece(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
         n = self._ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
         if n < 0:
             self._piece_buf = ctypes.create_string_buffer(-n)
             n = self._ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-        return self._piece_buf.raw[:n]
+        self._pieces[token] = piece = self._piece_buf.raw[:n]
+        return piece
+
+    def _prompt_tokens(self, request: Request) -> list[int]:
+        if request.tokens is not None:
+            return list(request.tokens)
+        toks = self.tokenize(request.prompt, request.add_bos)
+        bos = self._ll.llama_vocab_bos(self.vocab)
+        if len(toks) >= 2 and toks[0] == toks[1] == bos:  # the BOS token added and the BOS text parsed
+            del toks[0]
+        return toks
+
+    def _grammar(self, value: Grammar | str | None) -> Grammar | None:
+        """A request's grammar, GBNF text converted once per engine (every item of a task passes the same)."""
+        if not isinstance(value, str):
+            return as_grammar(value)
+        if value not in self._grammars:
+            self._grammars[value] = as_grammar(value)
+        return self._grammars[value]
 
     # -- sampling -------------------------------------------------------------------------------
-    def _make_sampler(self, params: SamplingParams, seed: int, grammar: str | None) -> Any:
+    def _make_sampler(self, params: SamplingParams, seed: int, gbnf: str | None) -> Any:
+        """The sequence's chain. Only a GBNF grammar llguidance could not take goes into it (llama.cpp's
+        grammar sampler, applied to every candidate); llguidance grammars are checked after sampling."""
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if grammar:
-            g = ll.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if gbnf:
+            g = ll.llama_sampler_init_grammar(self.vocab, gbnf.encode("utf-8"), b"root")
             if not g:
                 ll.llama_sampler_free(chain)
-                raise GenerationError("llama.cpp rejected the output grammar (see `APPLIANCE_DEBUG=1` for its log)")
+                raise GrammarError("llama.cpp rejected the output grammar (see `APPLIANCE_DEBUG=1` for its log)")
             ll.llama_sampler_chain_add(chain, g)
         if params.repeat_penalty != 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(64, params.repeat_penalty, 0.0, 0.0))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(self.n_vocab, 64, params.repeat_penalty, 0.0, 0.0))
         if params.temperature <= 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
             return chain
@@ -203,37 +287,129 @@ class Engine:
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
+    def _logit_rows(self, outputs: list[tuple[_Slot, int]]) -> Any:
+        """The decode's logits as a (len(outputs), n_vocab) numpy view: llama.cpp stores the requested
+        rows contiguously in batch order, and outputs are listed in batch order."""
+        import numpy as np
+
+        ll = self._ll
+        rows = np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(len(outputs), self.n_vocab))
+        last = ctypes.cast(ll.llama_get_logits_ith(self.ctx, outputs[-1][1]), ctypes.c_void_p).value
+        if last != rows.ctypes.data + (len(outputs) - 1) * self.n_vocab * 4:
+            raise GenerationError("internal error: llama.cpp's logits rows are not in batch order")
+        return rows
+
+    def _sample(self, slot: _Slot, idx: int, row: Any) -> int:
+        """Sample with the sequence's own chain; a grammar checks only the token drawn, and only when it
+        rejects it are the logits masked and the token drawn again (as llama.cpp's common_sampler_sample
+        does: the same distribution as sampling from the masked logits)."""
+        ll = self._ll
+        tok = self._draw(slot, idx, row)
+        c = slot.constraint
+        if c is not None and not c.allows(tok, ll.llama_vocab_is_eog(self.vocab, tok)):
+            self.last.grammar_resamples += 1
+            if c.mask_logits(row) == 0:
+                raise GrammarError("the output grammar allows no token here (a grammar that can never end?)")
+            tok = self._draw(slot, idx, row)
+            if not c.allows(tok, ll.llama_vocab_is_eog(self.vocab, tok)):  # a chain that kept only -inf candidates
+                tok = int(row.argmax())
+        if slot.fast:
+            ll.llama_sampler_accept(slot.sampler, tok)
+        return tok
+
+    def _draw(self, slot: _Slot, idx: int, row: Any) -> int:
+        """One token from the chain, not yet accepted (a grammar may reject it). llama_sampler_sample
+        copies all n_vocab logits into a fresh candidate array (~1 ms for 262k, mostly page faults) and
+        accepts what it draws; a chain that starts with top-k sees the same candidates when given only
+        the row's top entries (found with numpy in ~0.1 ms), and greedy is the row's argmax."""
+        if not slot.fast:
+            return self._ll.llama_sampler_sample(slot.sampler, self.ctx, idx)  # accepts the token itself
+        p = slot.params
+        if p.repeat_penalty == 1.0 and p.temperature <= 0:
+            return int(row.argmax())
+        if p.repeat_penalty == 1.0 and p.top_k > 0:
+            cand = _top_candidates(row, p.top_k)
+            data = self._cand_buf
+            if len(data) < len(cand):
+                data = self._cand_buf = _token_data(len(cand))
+            data = data[: len(cand)]
+            data["id"] = cand
+            data["logit"] = row[cand]
+        else:  # penalties change logits before top-k, or no top-k: the whole vocabulary, as llama.cpp does
+            import numpy as np
+
+            if self._full_buf is None:
+                self._full_buf = _token_data(self.n_vocab)
+                self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
+            data = self._full_buf
+            data["id"] = self._all_ids  # again each time: the samplers sort the array in place
+            data["logit"] = row
+        data["p"] = 0.0
+        arr = self._cand_arr
+        arr.data = ctypes.cast(data.ctypes.data, self._token_data_p)
+        arr.size, arr.selected, arr.sorted = len(data), -1, False
+        self._ll.llama_sampler_apply(slot.sampler, ctypes.byref(arr))
+        if not 0 <= arr.selected < len(data):
+            raise GenerationError("internal error: the sampler chain selected no token")
+        return int(data["id"][arr.selected])
+
     # -- generation -----------------------------------------------------------------------------
     def generate(
         self,
         requests: Sequence[Request],
-        params: SamplingParams,
+        params: SamplingParams | None = None,
         *,
         n_parallel: int | None = None,
         on_step: Callable[[int], None] | None = None,
+        share_prompts: bool = True,
     ) -> Iterator[Completion]:
         """Yield one Completion per request, in the order they finish.
 
-        `on_step(tokens)` is called after every decode with the completion tokens it produced.
+        `params` applies to requests without their own. Requests with identical prompt tokens (e.g. k
+        samples of one input) decode that prompt once with `share_prompts` (the others copy its KV
+        cells). `on_step(tokens)` is called after every decode with the completion tokens it produced.
         """
         if not requests:
             return
-        toks = [self.tokenize(r.prompt) for r in requests]
+        _LOG_LINES.clear()
+        self._produced = 0
+        self.last = EngineStats()
+        try:
+            yield from self._generate(requests, params or SamplingParams(), n_parallel, on_step, share_prompts)
+        finally:
+            self.stats.add(self.last)
+
+    def _generate(self, requests, default, n_parallel, on_step, share_prompts) -> Iterator[Completion]:
+        params = [r.params or default for r in requests]
+        grammars = [self._grammar(r.grammar) if r.grammar is not None else self.grammar for r in requests]
+        toks = [self._prompt_tokens(r) for r in requests]
+        for i, t in enumerate(toks):
+            if not t:
+                raise GenerationError(f"request {requests[i].key!r} has an empty prompt")
+            need = len(t) + params[i].max_tokens
+            if need > self.n_ctx:
+                raise GenerationError(
+                    f"a prompt of {len(t)} tokens plus --max-tokens {params[i].max_tokens} needs {need} tokens of "
+                    f"context, but the plan gives {self.n_ctx} (use a larger --ctx or a smaller --max-tokens)"
+                )
+        for g in {g for g in grammars if g is not None and g.kind == "llguidance"}:
+            self._constraint(g)  # compile each grammar once now: a bad one fails before any decoding
         prefix = _common_prefix(toks)
         longest = max(len(t) for t in toks)
-        need_one = longest + params.max_tokens
+        max_new = max(p.max_tokens for p in params)
         n_par = max(1, min(n_parallel or self.holder, self.holder, len(requests)))
-        while n_par > 1 and prefix + n_par * (longest - prefix + params.max_tokens) > self.n_ctx:
+        while n_par > 1 and prefix + n_par * (longest - prefix + max_new) > self.n_ctx:
             n_par -= 1
-        if need_one > self.n_ctx:
-            raise GenerationError(
-                f"a prompt of {longest} tokens plus --max-tokens {params.max_tokens} needs {need_one} tokens of "
-                f"context, but the plan gives {self.n_ctx} (use a larger --ctx or a smaller --max-tokens)"
-            )
+        groups: list[int | None] = [None] * len(requests)
+        if share_prompts:
+            first: dict[tuple[int, ...], int] = {}
+            for i, t in enumerate(toks):
+                if len(t) - prefix > 1:  # something to share beyond the common prefix
+                    groups[i] = first.setdefault(tuple(t), i)
         ll = self._ll
         ll.llama_memory_clear(self.mem, True)
         self._decode_prefix(toks[0][:prefix])
-        self.stats.shared_prefix_tokens = prefix
+        self.last.shared_prefix_tokens = prefix
 
         queue = deque(range(len(requests)))
         slots = [_Slot(seq=i) for i in range(n_par)]
@@ -242,12 +418,12 @@ class Engine:
                 for slot in slots:
                     if slot.request is None and queue:
                         i = queue.popleft()
-                        self._start(slot, requests[i], toks[i], prefix, params)
-                produced = self._step(slots, queue, requests, toks, prefix, params)
+                        self._start(slot, slots, i, requests[i], toks[i], prefix, params[i], grammars[i], groups[i])
+                produced = self._step(slots, queue, prefix)
                 if on_step:
                     on_step(produced)
                 for slot in slots:
-                    done = self._finished(slot, params)
+                    done = self._finished(slot)
                     if done:
                         active = sum(1 for s in slots if s.request is not None)
                         yield Completion(
@@ -265,6 +441,12 @@ class Engine:
             for slot in slots:
                 self._release(slot)
 
+    def _constraint(self, grammar: Grammar) -> Constraint:
+        before = self._constrainer.init_seconds
+        c = self._constrainer.constraint(grammar)
+        self.last.grammar_init_seconds += self._constrainer.init_seconds - before
+        return c
+
     def _decode_prefix(self, prefix: list[int]) -> None:
         for start in range(0, len(prefix), self.n_batch):
             chunk = prefix[start : start + self.n_batch]
@@ -272,39 +454,80 @@ class Engine:
             for j, tok in enumerate(chunk):
                 self._batch_add(tok, start + j, self.holder, False)
             self._decode_or_raise()
-            self.stats.prompt_tokens += len(chunk)
+            self.last.prompt_tokens += len(chunk)
 
-    def _start(self, slot: _Slot, request: Request, tokens: list[int], prefix: int, params: SamplingParams) -> None:
+    def _start(self, slot: _Slot, slots: list[_Slot], index: int, request: Request, tokens: list[int], prefix: int,
+               params: SamplingParams, grammar: Grammar | None, group: int | None) -> None:
         ll = self._ll
         ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
         if prefix:
             ll.llama_memory_seq_cp(self.mem, self.holder, slot.seq, -1, -1)
-        slot.request, slot.tokens = request, tokens
+        slot.request, slot.index, slot.params, slot.tokens = request, index, params, tokens
         slot.pending = tokens[prefix:]
-        slot.pos, slot.n_out, slot.out, slot.last = prefix, 0, bytearray(), None
-        slot.sampler = self._make_sampler(params, request.seed, request.grammar or self.grammar)
-        slot.started = time.perf_counter()
+        slot.pos, slot.n_out, slot.out, slot.feed = prefix, 0, bytearray(), []
+        gbnf = grammar.text if grammar and grammar.kind == "gbnf" else None
+        slot.sampler = self._make_sampler(params, request.seed, gbnf)
+        slot.fast = self.fast_sampling and gbnf is None
+        slot.constraint = self._constraint(grammar) if grammar and grammar.kind == "llguidance" else None
+        slot.prompt_left = len(slot.pending)
         slot.finish = None
+        if slot.constraint is not None:  # what the grammar forces before anything is sampled goes with the prompt
+            forced = self._force(slot)
+            slot.pending = slot.pending + forced
+            self._produced += len(forced)
+            self.last.completion_tokens += len(forced)
+            if slot.finish:
+                slot.pending = []
+        slot.group = group
+        slot.waiting = group is not None and any(s is not slot and s.request is not None and s.group == group for s in slots)
+        slot.started = time.perf_counter()
 
     def _release(self, slot: _Slot) -> None:
         if slot.sampler is not None:
             self._ll.llama_sampler_free(slot.sampler)
-        slot.sampler, slot.request, slot.finish = None, None, None
+        slot.sampler, slot.request, slot.constraint, slot.finish = None, None, None, None
+        slot.feed, slot.pending, slot.group, slot.waiting = [], [], None, False
 
-    def _step(self, slots, queue, requests, toks, prefix, params) -> int:
-        """Put every running sequence's next token and as much pending prompt as fits in one batch; decode;
+    def _share(self, slots: list[_Slot]) -> None:
+        """Sequences waiting for an identical prompt: copy its cells [0, len-1) once it is decoded, and
+        decode only the last prompt token themselves (each needs its own logits for it); with no
+        same-group sequence decoding the prompt (it ended, or was handed back), decode it yourself."""
+        for slot in slots:
+            if slot.request is None or not slot.waiting:
+                continue
+            same = [s for s in slots if s is not slot and s.request is not None and s.group == slot.group
+                    and not s.waiting and s.finish is None]  # (one whose grammar forced it to the end decodes nothing)
+            donor = next((s for s in same if s.pos >= len(s.tokens)), None)  # its prompt's cells are all decoded
+            if donor is not None:
+                n = len(slot.tokens) - 1
+                self._ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                self._ll.llama_memory_seq_cp(self.mem, donor.seq, slot.seq, 0, n)
+                self.last.shared_prompt_tokens += n - slot.pos
+                slot.pending = slot.pending[n - slot.pos :]  # nothing of it was decoded while waiting
+                slot.prompt_left = len(slot.tokens) - n
+                slot.pos, slot.waiting = n, False
+            elif not same:
+                slot.waiting = False
+
+    def _step(self, slots: list[_Slot], queue: deque[int], prefix: int) -> int:
+        """Put every running sequence's next tokens and as much pending prompt as fits in one batch; decode;
         sample. A decode that finds no room in the KV cache shrinks the batch and retries."""
         while True:
             self._batch_clear()
             outputs: list[tuple[_Slot, int]] = []
-            fed: list[tuple[_Slot, int, int]] = []  # slot, first pos fed, tokens fed from pending
+            fed: list[tuple[_Slot, int, int, bool]] = []  # slot, first pos fed, tokens fed, from the prompt
+            room = self.n_batch
             for slot in slots:
-                if slot.request is not None and slot.last is not None:
-                    outputs.append((slot, self._batch_add(slot.last, slot.pos, slot.seq, True)))
-                    fed.append((slot, slot.pos, 0))
-            room = self.n_batch - len(outputs)
+                if slot.request is not None and slot.feed and len(slot.feed) <= room:
+                    n = len(slot.feed)
+                    for j, tok in enumerate(slot.feed):
+                        idx = self._batch_add(tok, slot.pos + j, slot.seq, j == n - 1)
+                    outputs.append((slot, idx))
+                    fed.append((slot, slot.pos, n, False))
+                    room -= n
+            self._share(slots)
             for slot in slots:
-                if slot.request is None or not slot.pending or room <= 0:
+                if slot.request is None or not slot.pending or slot.waiting or room <= 0:
                     continue
                 chunk = slot.pending[:room]
                 last_chunk = len(chunk) == len(slot.pending)
@@ -312,59 +535,97 @@ class Engine:
                     idx = self._batch_add(tok, slot.pos + j, slot.seq, last_chunk and j == len(chunk) - 1)
                 if last_chunk:
                     outputs.append((slot, idx))
-                fed.append((slot, slot.pos, len(chunk)))
+                fed.append((slot, slot.pos, len(chunk), True))
                 room -= len(chunk)
+            if not fed:
+                if any(s.request is not None and s.finish is None for s in slots):
+                    raise GenerationError("internal error: running sequences but nothing to decode")
+                produced, self._produced = self._produced, 0
+                return produced
             ret = self._decode()
             if ret == 0:
                 break
             if ret == 1 and sum(1 for s in slots if s.request is not None) > 1:
                 # No KV slot for this batch: roll back what it placed, hand the newest sequence back to the queue.
-                for slot, pos, _ in fed:
+                for slot, pos, _, _ in fed:
                     self._ll.llama_memory_seq_rm(self.mem, slot.seq, pos, -1)
                 victim = max((s for s in slots if s.request is not None), key=lambda s: s.started)
-                queue.appendleft(next(i for i, r in enumerate(requests) if r is victim.request))
+                queue.appendleft(victim.index)
                 self._ll.llama_memory_seq_rm(self.mem, victim.seq, -1, -1)
                 self._release(victim)
                 slots.remove(victim)
-                self.stats.retries.append(f"decode found no KV room for {len(slots) + 1} sequences; retried with {len(slots)}")
+                self.last.retries.append(f"decode found no KV room for {len(slots) + 1} sequences; retried with {len(slots)}")
                 continue
             raise GenerationError(
                 f"llama_decode failed (code {ret})" + (f": {_last_error_line()}" if _last_error_line() else "")
                 + " (try a smaller --parallel or --ctx)"
             )
-        for slot, pos, n in fed:
-            if n:
+        for slot, pos, n, from_prompt in fed:
+            slot.pos += n
+            if from_prompt:
                 slot.pending = slot.pending[n:]
-                slot.pos += n
-                self.stats.prompt_tokens += n
+                self.last.prompt_tokens += min(n, slot.prompt_left)  # the rest were forced output tokens
+                slot.prompt_left = max(0, slot.prompt_left - n)
             else:
-                slot.pos += 1
+                slot.feed = []
+        start = time.perf_counter()
         produced = 0
-        for slot, idx in outputs:
-            tok = self._ll.llama_sampler_sample(slot.sampler, self.ctx, idx)
-            produced += 1
-            slot.n_out += 1
-            if self._ll.llama_vocab_is_eog(self.vocab, tok):
-                slot.finish = "eos"
-                slot.last = None
-                continue
-            slot.out += self.piece(tok)
-            slot.last = tok
-        self.stats.completion_tokens += produced
+        rows = self._logit_rows(outputs) if outputs else None
+        for j, (slot, idx) in enumerate(outputs):
+            produced += self._advance(slot, self._sample(slot, idx, rows[j]))
+        self.last.sample_seconds += time.perf_counter() - start
+        self.last.completion_tokens += produced
+        produced, self._produced = produced + self._produced, 0
         return produced
 
-    def _finished(self, slot: _Slot, params: SamplingParams) -> tuple[str, str] | None:
-        if slot.request is None:
+    def _advance(self, slot: _Slot, tok: int) -> int:
+        """Append a sampled token and then the grammar's forced tokens; returns how many were appended."""
+        slot.n_out += 1
+        if self._ll.llama_vocab_is_eog(self.vocab, tok):
+            slot.finish = "eos"
+            return 1
+        slot.out += self.piece(tok)
+        slot.feed = [tok]
+        c = slot.constraint
+        if c is None:
+            return 1
+        c.consume(tok)
+        if c.stopped:  # the output is complete: nothing is left to decode
+            slot.finish = "eos"
+            return 1
+        forced = self._force(slot)
+        slot.feed += forced
+        return 1 + len(forced)
+
+    def _force(self, slot: _Slot) -> list[int]:
+        """Consume and append the tokens the grammar allows as the only continuation (jump-forward); they
+        are decoded in the next batch without being sampled."""
+        c = slot.constraint
+        budget = min(slot.params.max_tokens - slot.n_out, _FORCED_MAX, self.n_batch // 2)
+        forced = c.forced()[:budget] if budget > 0 else []
+        for t in forced:
+            c.consume(t)
+            slot.out += self.piece(t)
+        slot.n_out += len(forced)
+        self.last.forced_tokens += len(forced)
+        if forced and c.stopped:
+            slot.finish = "eos"
+        elif slot.n_out >= slot.params.max_tokens:
+            slot.finish = "length"  # no token left to sample: nothing more to decode either
+        return forced
+
+    def _finished(self, slot: _Slot) -> tuple[str, str] | None:
+        if slot.request is None or (slot.n_out == 0 and slot.finish is None):
             return None
-        if slot.finish == "eos":
-            return slot.out.decode("utf-8", errors="replace"), "eos"
-        if slot.last is None:
-            return None
-        text = slot.out.decode("utf-8", errors="ignore")
-        for stop in params.stop:
-            at = text.find(stop)
-            if at >= 0:
-                return text[:at], "stop"
+        params = slot.params
+        if params.stop:
+            text = slot.out.decode("utf-8", errors="ignore")
+            for stop in params.stop:
+                at = text.find(stop)
+                if at >= 0:
+                    return text[:at], "stop"
+        if slot.finish:
+            return slot.out.decode("utf-8", errors="replace"), slot.finish
         if slot.n_out >= params.max_tokens:
             return slot.out.decode("utf-8", errors="replace"), "length"
         return None
@@ -386,8 +647,8 @@ class Engine:
     def _decode(self) -> int:
         start = time.perf_counter()
         ret = self._ll.llama_decode(self.ctx, self.batch)
-        self.stats.decode_seconds += time.perf_counter() - start
-        self.stats.decode_calls += 1
+        self.last.decode_seconds += time.perf_counter() - start
+        self.last.decode_calls += 1
         return ret
 
     def _decode_or_raise(self) -> None:
@@ -423,6 +684,7 @@ class Vocab:
 
         self._ll = llama_cpp
         _install_log_capture()
+        _LOG_LINES.clear()
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.vocab_only = True
@@ -476,6 +738,26 @@ def _tokenize(vocab: Any, text: str, add_special: bool = True) -> list[int]:
     return list(buf[:n])
 
 
+def _token_data(n: int) -> Any:
+    """A numpy array laid out as llama.cpp's llama_token_data (id int32, logit float, p float)."""
+    import numpy as np
+
+    return np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+
+
+def _top_candidates(row: Any, k: int) -> Any:
+    """Indices of a set of logits that holds the row's k largest (ties at the k-th may add a few): those
+    within a margin of the maximum (cheap), widened, and an exact partition as the last resort."""
+    import numpy as np
+
+    top = row.max()
+    for margin in (8.0, 16.0):
+        cand = np.flatnonzero(row >= top - margin)
+        if len(cand) >= k:
+            return cand
+    return np.argpartition(row, -k)[-k:] if k < len(row) else np.arange(len(row))
+
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     """Length of the longest common token prefix, leaving every sequence at least one token of its own
     (its last prompt token must be decoded in its own sequence to get its first logits)."""
@@ -487,3 +769,50 @@ def _common_prefix(seqs: list[list[int]]) -> int:
             i += 1
         n = i
     return max(n, 0)
+
+
+def decode_only_rate(engine: Engine, prompts: Sequence[str], n: int, new_tokens: int) -> dict[str, float]:
+    """The kernel's ceiling for this engine: `n` sequences (prompts reused in turn) decoded as the
+    engine decodes them (shared prefix once, copied; suffixes batched), then `new_tokens` steps of one
+    token per sequence with no sampling at all (each feeds its last token again). Returns
+    {"tok_s": generated tokens per second of the steps, "prompt_s": seconds of the prompt part, ...}."""
+    ll = engine._ll
+    if not prompts or n < 1 or new_tokens < 1:
+        raise GenerationError("decode_only_rate needs prompts, n >= 1 and new_tokens >= 1")
+    if n > engine.holder:
+        raise GenerationError(f"decode_only_rate: n={n} is more than the plan's {engine.holder} parallel sequences")
+    toks = [engine.tokenize(prompts[i % len(prompts)]) for i in range(n)]
+    prefix = _common_prefix(toks)
+    need = prefix + sum(len(t) - prefix + new_tokens for t in toks)
+    if need > engine.n_ctx:
+        raise GenerationError(f"decode_only_rate needs {need} tokens of context, but the plan gives {engine.n_ctx}")
+    ll.llama_memory_clear(engine.mem, True)
+    start = time.perf_counter()
+    engine._decode_prefix(toks[0][:prefix])
+    rows = [(seq, t[prefix:]) for seq, t in enumerate(toks)]
+    for seq, _ in rows:
+        if prefix:
+            ll.llama_memory_seq_cp(engine.mem, engine.holder, seq, -1, -1)
+    flat = [(seq, prefix + j, tok, j == len(rest) - 1) for seq, rest in rows for j, tok in enumerate(rest)]
+    for at in range(0, len(flat), engine.n_batch):
+        engine._batch_clear()
+        for seq, pos, tok, logits in flat[at : at + engine.n_batch]:
+            engine._batch_add(tok, pos, seq, logits)
+        engine._decode_or_raise()
+    prompt_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for step in range(new_tokens):
+        engine._batch_clear()
+        for seq, t in enumerate(toks):
+            engine._batch_add(t[-1], len(t) + step, seq, True)
+        engine._decode_or_raise()
+    gen_s = time.perf_counter() - start
+    ll.llama_memory_clear(engine.mem, True)
+    return {
+        "n": n,
+        "tok_s": n * new_tokens / gen_s,
+        "tok_s_with_prompt": n * new_tokens / (gen_s + prompt_s),
+        "prompt_s": prompt_s,
+        "gen_s": gen_s,
+        "prompt_tokens": prefix + sum(len(t) - prefix for t in toks),
+    }

@@ -1,4 +1,4 @@
-"""JSON schemas for constrained output: read, check, and turn into a llama.cpp grammar (GBNF)."""
+"""JSON schemas for constrained output: read, check, and compile into an output constraint."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ApplianceError
+from .grammar import Grammar, GrammarError
 
 
-def load_json_schema(path: str | Path) -> tuple[dict[str, Any], str]:
-    """A JSON schema file and the llama.cpp grammar (GBNF) that constrains output to it."""
+def load_json_schema(path: str | Path) -> tuple[dict[str, Any], Grammar]:
+    """A JSON schema file and the Grammar that constrains output to it: one line of JSON, written as
+    json.dumps writes it (", " and ": "), no properties beyond those the schema lists."""
     p = Path(path)
     if not p.is_file():
         raise ApplianceError(f"no such JSON schema file: {p}" if not p.exists() else f"{p} is not a file")
@@ -20,10 +22,8 @@ def load_json_schema(path: str | Path) -> tuple[dict[str, Any], str]:
         raise ApplianceError(f"invalid JSON schema {p}: not JSON ({exc})") from None
     if not isinstance(schema, dict):
         raise ApplianceError(f"invalid JSON schema {p}: the top level must be an object")
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     try:
-        grammar = json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:  # the converter raises bare Exceptions/AssertionErrors on bad schemas
-        raise ApplianceError(f"invalid JSON schema {p}: {exc or type(exc).__name__}") from None
+        grammar = Grammar.from_json_schema(schema)
+    except GrammarError as exc:
+        raise GrammarError(str(exc).replace("invalid JSON schema", f"invalid JSON schema {p}", 1)) from None
     return schema, grammar

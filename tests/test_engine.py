@@ -1,13 +1,19 @@
 """The batched engine on the real demo model: agreement with sequential decoding, stop reasons,
-grammar-constrained JSON, isolation between sequences, and refusal/retry on a full context."""
+grammar-constrained JSON (sample-then-check, masks on rejection, forced tokens), per-request params,
+prompt sharing between identical requests, many generate() calls on one engine, isolation between
+sequences, and refusal/retry on a full context."""
 
 from __future__ import annotations
 
 import json
+
+import jsonschema
 import pytest
 
-from appliance.engine import Engine, Request, SamplingParams
+from appliance import engine as engine_module
+from appliance.engine import Engine, Request, SamplingParams, decode_only_rate
 from appliance.errors import GenerationError
+from appliance.grammar import Grammar, GrammarError
 from appliance.gguf_reader import read_gguf
 from appliance.hardware import detect_hardware
 from appliance.planner import Plan, make_plan
@@ -124,7 +130,7 @@ def test_prompt_longer_than_context_is_refused_before_decoding(engines):
     engine = engines(2, 512)
     with pytest.raises(GenerationError, match="needs .* tokens of context, but the plan gives 512"):
         list(engine.generate([Request(0, "word " * 600, 1)], SamplingParams(max_tokens=8)))
-    assert engine.stats.decode_calls == 0 or engine.stats.completion_tokens == 0
+    assert engine.last.decode_calls == 0 or engine.last.completion_tokens == 0
 
 
 def test_decode_without_kv_room_shrinks_the_batch_and_loses_nothing(engines, monkeypatch):
@@ -145,3 +151,210 @@ def test_decode_without_kv_room_shrinks_the_batch_and_loses_nothing(engines, mon
     assert engine.stats.retries and "retried with 3" in engine.stats.retries[-1]
     for i, w in enumerate(WORDS[:6]):
         assert w in out[i].text
+
+
+# -- grammar-constrained generation -----------------------------------------------------------------
+
+HOME = {
+    "type": "object",
+    "properties": {
+        "intent": {"type": "string", "enum": ["lights_on", "lights_off", "set_color"]},
+        "room": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 16}, "floor": {"type": "integer", "enum": [0, 1, 2]}},
+            "required": ["name", "floor"],
+        },
+        "slots": {
+            "type": "array",
+            "maxItems": 2,
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": ["level", "color"]}, "value": {"type": "string", "maxLength": 10}},
+                "required": ["name", "value"],
+            },
+        },
+    },
+    "required": ["intent", "room", "slots"],
+}
+HOME_SHOTS = (
+    "Smart home commands parsed as JSON.\n\n"
+    "Command: turn on the kitchen lights\n"
+    'JSON: {"intent": "lights_on", "room": {"name": "kitchen", "floor": 0}, "slots": []}\n\n'
+    "Command: make the upstairs bedroom warm white at half brightness\n"
+    'JSON: {"intent": "set_color", "room": {"name": "bedroom", "floor": 1}, "slots": [{"name": "color", "value": "warm white"}, '
+    '{"name": "level", "value": "50"}]}\n\n'
+    "Command: {c}\nJSON:"
+)
+COMMANDS = ["switch off the garage lights", "dim the living room to 20", "blue light in the attic please", "lights on in the hall",
+            "turn the office lamp red", "everything off in the basement", "set the nursery to 10 percent", "green in the study"]
+# Longest valid output is ~150 characters: at most 150 tokens, so a complete (parsable) output always fits.
+HOME_PARAMS = SamplingParams(temperature=0.9, max_tokens=160)
+
+
+def test_constrained_outputs_all_parse_with_the_fast_paths_and_like_llama_cpps_own_sampler(engines):
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    engine = engines(4)
+    prompts = [HOME_SHOTS.replace("{c}", c) for c in COMMANDS]
+    fast = Grammar.from_json_schema(HOME, prefix=" ")
+    out = {c.key: c for c in engine.generate(
+        [Request(key=i, prompt=p, seed=7 + i, grammar=fast) for i, p in enumerate(prompts)], HOME_PARAMS)}
+    stats = engine.last
+    for c in out.values():
+        assert c.text.startswith(" {") and c.finish_reason == "eos", c
+        jsonschema.validate(json.loads(c.text), HOME)
+    assert stats.forced_tokens > 0  # keys, separators and the rest of enum values were appended unsampled
+    print(f"fast path: {stats.completion_tokens} tokens, {stats.forced_tokens} forced, {stats.grammar_resamples} resampled")
+
+    # The slow path: llama.cpp's own grammar sampler over the GBNF llama-cpp-python makes of the schema (what
+    # the engine ran before llguidance), on a few of the same items.
+    gbnf = json_schema_to_gbnf(json.dumps(HOME)).replace("root ::= ", 'root ::= " " ', 1)
+    slow = Grammar.llama_gbnf(gbnf)
+    out_slow = list(engine.generate([Request(key=i, prompt=p, seed=7 + i, grammar=slow) for i, p in enumerate(prompts[:2])], HOME_PARAMS))
+    assert engine.last.forced_tokens == 0 and len(out_slow) == 2
+    for c in out_slow:
+        jsonschema.validate(json.loads(c.text), HOME)
+
+
+def test_a_rejected_token_is_drawn_again_inside_the_grammar(engines):
+    engine = engines(4)
+    # Greedy decoding after "The capital of France is" picks " Paris"; the grammar allows neither " P" nor "Paris".
+    options = ["zebra", "quokka"]
+    req = [Request(key=i, prompt="The capital of France is", seed=i, grammar=Grammar.choice(options, prefix=" ")) for i in range(3)]
+    out = list(engine.generate(req, SamplingParams(temperature=0, max_tokens=8)))
+    assert engine.last.grammar_resamples >= 1
+    assert [c.text.strip() in options for c in out] == [True] * 3 and all(c.finish_reason == "eos" for c in out)
+    sampled = list(engine.generate(req, SamplingParams(temperature=1.0, max_tokens=8)))
+    assert engine.last.grammar_resamples >= 1 and all(c.text.strip() in options for c in sampled)
+
+
+def test_a_single_continuation_is_forced_not_sampled(engines):
+    engine = engines(2)
+    answer = " thermostat_set_temperature_in_the_living_room"
+    req = Request(key=0, prompt="Intent:", seed=1, grammar=Grammar.choice([answer.strip()], prefix=" "))
+    (c,) = engine.generate([req], SamplingParams(temperature=0.8, max_tokens=32))
+    assert c.text == answer and c.finish_reason == "eos"
+    assert engine.last.forced_tokens == engine.last.completion_tokens == c.tokens_out > 1  # nothing sampled
+    short = list(engine.generate([req], SamplingParams(temperature=0.8, max_tokens=3)))
+    assert short[0].tokens_out == 3 and short[0].finish_reason == "length"
+
+
+def test_bad_grammar_is_a_one_line_error_before_decoding(engines, demo_model):
+    engine = engines(2)
+    calls = engine.stats.decode_calls
+    for bad in ["root ::= (", Grammar("llguidance", "start: nowhere")]:
+        with pytest.raises(GrammarError) as err:
+            list(engine.generate([Request(key=0, prompt="Hi", seed=1, grammar=bad)], SamplingParams(max_tokens=4)))
+        assert "\n" not in str(err.value)
+    assert engine.stats.decode_calls == calls  # refused before anything was decoded
+    with pytest.raises(GrammarError, match="cannot parse the GBNF"):
+        Engine(demo_model, plan(1), grammar="root ::= [")
+
+
+# -- per-request params, tokens, sharing, many calls ---------------------------------------------------
+
+
+def test_each_request_keeps_its_own_limits_in_one_call(engines):
+    engine = engines(4)
+    prompts = [FEWSHOT.format(w=w) for w in WORDS[:4]]
+    limits = [SamplingParams(temperature=0, max_tokens=3), SamplingParams(temperature=0, max_tokens=20, stop=["\n"]),
+              None, SamplingParams(temperature=0, max_tokens=1)]
+    reqs = [Request(key=i, prompt=p, seed=i, params=limits[i]) for i, p in enumerate(prompts)]
+    out = {c.key: c for c in engine.generate(reqs, SamplingParams(temperature=0, max_tokens=9))}
+    assert (out[0].tokens_out, out[0].finish_reason) == (3, "length")
+    assert out[1].finish_reason == "stop" and "\n" not in out[1].text and WORDS[1] in out[1].text
+    assert (out[2].tokens_out, out[2].finish_reason) == (9, "length")  # generate()'s params for a request without its own
+    assert (out[3].tokens_out, out[3].finish_reason) == (1, "length")
+
+
+def test_pretokenized_prompts_and_prompts_that_carry_their_bos(engines):
+    engine = engines(2)
+    text = FEWSHOT.format(w="tiger")
+    import llama_cpp
+
+    tokens = engine.tokenize(text)
+    bos_text = llama_cpp.llama_vocab_get_text(engine.vocab, tokens[0]).decode()
+    assert bos_text == "<bos>"
+    params = SamplingParams(temperature=0, max_tokens=3)
+    reqs = [Request(key="text", prompt=text, seed=1), Request(key="tokens", prompt="(tokens)", seed=1, tokens=tokens),
+            Request(key="bos", prompt=bos_text + text, seed=1, add_bos=False), Request(key="twice", prompt=bos_text + text, seed=1)]
+    out = {c.key: c for c in engine.generate(reqs, params, n_parallel=1)}
+    assert {c.tokens_in for c in out.values()} == {len(tokens)}  # no second BOS, whichever way the prompt came
+    assert len({c.text for c in out.values()}) == 1
+
+
+def test_identical_prompts_decode_their_prompt_once(engines):
+    engine = engines(8)
+    prompts = [FEWSHOT.format(w=w) for w in WORDS[:3] for _ in range(3)]  # k=3 samples of 3 inputs, consecutive
+    params = SamplingParams(temperature=0, max_tokens=8, stop=["\n"])
+    reqs = [Request(key=i, prompt=p, seed=i) for i, p in enumerate(prompts)]
+    shared = {c.key: c.text for c in engine.generate(reqs, params)}
+    saved, decoded = engine.last.shared_prompt_tokens, engine.last.prompt_tokens
+    alone = {c.key: c.text for c in engine.generate(reqs, params, share_prompts=False)}
+    assert engine.last.shared_prompt_tokens == 0
+    suffix = len(engine.tokenize(prompts[0])) - engine.last.shared_prefix_tokens
+    assert saved == 3 * 2 * (suffix - 1)  # two of each three copy all but the last prompt token
+    assert decoded == engine.last.prompt_tokens - saved
+    # Copied cells hold the same values; only the last prompt token's logits come from a smaller batch, so
+    # greedy outputs agree (a near-tie could in principle flip, as between any two batch shapes).
+    assert shared == alone
+    assert all(WORDS[i // 3] in shared[i] for i in range(9))
+
+
+def test_generate_many_times_on_one_engine(engines):
+    engine = engines(4)
+    before = engine.stats.completion_tokens
+    prompts = [FEWSHOT.format(w=w) for w in WORDS[:4]]
+    params = SamplingParams(temperature=0.7, max_tokens=6, stop=["\n"])
+    runs = [{c.key: c.text for c in engine.generate([Request(key=i, prompt=p, seed=i) for i, p in enumerate(prompts)], params)}
+            for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]  # memory cleared, samplers fresh: the same seeds give the same texts
+    assert engine.stats.model_loads == 1 and engine.stats.load_seconds > 0  # one load, however many calls
+    assert engine.stats.completion_tokens - before == 3 * engine.last.completion_tokens
+
+
+def test_llama_log_lines_of_an_earlier_call_are_not_quoted(engines):
+    engine = engines(2)
+    engine_module._LOG_LINES.append("llama_decode: failed to find a memory slot (stale line)\n")
+    list(engine.generate([Request(key=0, prompt="Hi", seed=1)], SamplingParams(max_tokens=2)))
+    assert "stale line" not in engine_module._last_error_line()
+
+
+def test_decode_only_rate_measures_the_kernel(engines):
+    engine = engines(4)
+    rate = decode_only_rate(engine, [FEWSHOT.format(w=w) for w in WORDS[:2]], 3, 2)
+    assert rate["n"] == 3 and rate["tok_s"] > 0 and rate["prompt_tokens"] > 20
+    with pytest.raises(GenerationError, match="more than the plan"):
+        decode_only_rate(engine, ["x"], 9, 2)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, max_tokens=12),  # top-k chain: given only the top candidates
+    SamplingParams(temperature=0, max_tokens=12),  # greedy: the row's argmax
+    SamplingParams(temperature=0.8, repeat_penalty=1.3, max_tokens=8),  # penalties: the whole vocabulary, accepted once
+], ids=["top-k", "greedy", "penalty"])
+def test_numpy_candidates_draw_exactly_what_llama_sampler_sample_draws(engines, params):
+    engine = engines(4)
+    prompts = [FEWSHOT.format(w=w) for w in WORDS[:4]] + [f"A short story about a {w}:" for w in WORDS[:4]]
+    texts = {}
+    try:
+        for fast in (True, False):
+            engine.fast_sampling = fast
+            texts[fast] = {c.key: c.text for c in engine.generate([Request(key=i, prompt=p, seed=i) for i, p in enumerate(prompts)], params)}
+    finally:
+        engine.fast_sampling = True
+    assert texts[True] == texts[False]  # same candidates into the same chain with the same seed: the same draws
+
+
+def test_top_candidates_always_hold_the_k_largest():
+    import numpy as np
+
+    from appliance.engine import _top_candidates
+
+    rng = np.random.default_rng(0)
+    for spread in (0.5, 5.0, 50.0):  # many near the top (margin suffices) to a few far apart (exact partition)
+        row = (rng.standard_normal(5000) * spread).astype(np.float32)
+        row[rng.integers(0, 5000, 100)] = -np.inf
+        for k in (1, 40, 300):
+            cand = _top_candidates(row, k)
+            assert np.sort(row[cand])[-k:].tolist() == np.sort(row)[-k:].tolist()
