@@ -27,6 +27,14 @@ class GenerationError(ApplianceError):
     """llama.cpp failed while loading or decoding."""
 
 
+class ChatTemplateError(ApplianceError):
+    """A chat template that is missing, unknown, unreadable, refuses the conversation or misbehaves."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind  # raised | security | syntax | error | timeout | output | memory | crash | config
+
+
 class ResumeError(ApplianceError):
     """A run cannot be continued as asked (its recipe, prompt, mode or chat template changed)."""
 

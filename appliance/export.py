@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .errors import ApplianceError
+from .errors import ApplianceError, with_article
 from .provenance import card_lines, cross_split_duplicates, prompts_used
 from .quality import NearDuplicateIndex
 from .store import Store, utcnow
@@ -393,7 +393,7 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
         raise ExportError(f"cannot write {out}: folder {out.parent} does not exist")
     summary = summarize(store, run_id)
     if summary.kind in ("generate", "eval"):
-        raise ExportError(f"run {run_id} is a {summary.kind} run with no dataset examples; export recipe and task runs "
+        raise ExportError(f"run {run_id} is {with_article(summary.kind)} run with no dataset examples; export recipe and task runs "
                           f"(`appliance logs --run {run_id} --json` lists its outputs)")
     stored = stored_splits(store, run_id)
     if stored and ratios and not resplit and (set(ratios) != set(stored) or any(abs(ratios[n] - stored[n]) > 1e-9 for n in ratios)):

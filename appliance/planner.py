@@ -11,57 +11,9 @@ cells from the same pool, so a shared prompt prefix decoded once and copied to e
 holds that prefix. `Plan.context_params()` and `Plan.model_params()` are the llama.cpp parameters the
 estimate assumes; the engine applies them as they are.
 
-Where each term comes from (llama.cpp as vendored in llama-cpp-python 0.3.36):
-
-* weights: the tensor bytes of the file. Loaded with mmap: the pages of CPU tensors are counted as
-  RAM because inference touches all of them (the kernel could drop them, at the price of reading
-  the file again on every token). With `n_gpu_layers = g`, llama.cpp puts the output layer on the
-  GPU first, then the last g - 1 blocks (llama-model.cpp: `i_gpu_start = n_layer + 1 - g`); the
-  token embedding stays on the CPU, and a tied output head is duplicated onto the GPU. The CPU
-  backend's weight repacking (CPU_REPACK, for Q4_0/Q4_K/IQ4_NL on AVX2 or NEON) copies some
-  tensors into anonymous memory; their mmap'd originals are then never read again and the kernel
-  may drop them, so the weights are counted once, and RSS can show up to the repacked size more.
-* KV cache: `cells * n_head_kv * (key_length * b_k + value_length * b_v)` per layer, with b the
-  bytes per element of the cache type (2 for f16, 34/32 for q8_0, 18/32 for q4_0). Full-attention
-  layers get `n_ctx` cells (padded to 256, llama-context.cpp). Sliding-window layers get
-  `GGML_PAD(min(n_ctx, n_swa * n_seq_max + n_ubatch), 256)` cells with a unified cache, or `n_ctx`
-  with `swa_full` (llama-kv-cache-iswa.cpp). Which layers slide: `{arch}.attention.sliding_window_pattern`
-  or the architecture's default pattern (for gemma3 every 6th layer is global: layers 5, 11, 17, ...).
-* compute buffer: the peak of llama.cpp's graph allocator for the worst-case batches it reserves at
-  load (llama-context.cpp `sched_reserve`, `graph_reserve`): T = n_ubatch tokens rounded up to a
-  multiple of n_seq_max, every cache cell visible, and T = n_seq_max (one token a sequence). Its
-  tensors are reused across layers, so the peak is the largest of three phases:
-    attention (no flash attention): inputs + 4*T*(n_head*n_kv + 4*n_embd + 2*n_head*d_k)
-        with n_kv the largest cache, and inputs = the f32 masks (4*T*cells, one per cache: full and
-        sliding), the V-cache row indices (8*T*n_head_kv*d_v per cache) and 32*T bytes of positions
-        and ids, which all stay alive through every layer;
-    feed-forward: inputs + 4*T*(3*n_ff + 3*n_embd + n_head*d_k);
-    output: 4*(n_outputs*n_vocab + 3*T*n_embd), n_outputs = min(T, n_outputs_max).
-  With flash attention there is no n_head*n_kv score matrix and the masks are f16. The shape of
-  each phase follows llama-graph.cpp (build_attn_mha: kq = [n_kv, T, n_head] f32, softmax in place;
-  build_ffn: gate, up and the activation, each [n_ff, T]); the coefficients were fitted to the
-  sizes llama.cpp prints (`CPU compute buffer size`) for the demo model (Gemma 3 270M) and for
-  synthetic llama-architecture files with n_embd 512-4096, n_ff 4096-8192, 8-32 heads, head size
-  32-256, 1-16 KV heads, vocabularies of 4k-262k, n_ctx 256-16384, n_seq_max 1-128 and n_ubatch
-  128-2048: 0 to +7 % over (+10 % at n_ctx 512 on the demo model: 2 MiB), never under.
-  The engine sets `n_outputs_max = n_seq_max` (it asks for at most one logit row per sequence per
-  decode); llama.cpp's default (n_batch) would reserve n_batch*n_vocab*4 bytes, 512 MiB for a
-  262k vocabulary.
-* other (CPU): llama.cpp's output buffer (n_outputs_max*n_vocab*4 bytes), the vocabulary
-  (~170 bytes a token measured, 192 counted), the CPU backend's work buffer, which llama.cpp does
-  not report (ggml-cpu converts a matmul's f32 input to the weight's dot type there; the largest
-  is the attention scores converted to f16 for the product with V, 2*T*n_head*n_kv bytes: 116 MiB
-  measured where this gives 128 MiB; with flash attention 4*T*max(n_ff, n_embd) bounds it), and
-  the Python runtime with llama_cpp and the appliance imported (measured).
-  llama.cpp's own bookkeeping (graph metadata, thread pool) is in the runtime and vocabulary figures.
-  The engine uses the low-level API, so llama-cpp-python's `Llama.scores` array (n_batch*n_vocab*4)
-  is never allocated.
-* margin: 10% of the available RAM or 512 MiB, whichever is larger; on a GPU, 1 GiB or 10% of its
-  memory, whichever is smaller (llama.cpp's own fitter keeps 1 GiB per device).
-
-GPU figures are extrapolated from the same graph model (compute buffer on the GPU when any layer is
-there); they were not measured on a GPU. Multi-GPU splits and mixture-of-experts feed-forward
-blocks are not modelled (the first GPU only; n_ff as the dense width).
+The estimate itself (what each term counts, and why) is `appliance.estimate`. A plan fits when the
+estimate leaves a margin free: 10% of the available RAM or 512 MiB, whichever is larger; on a GPU,
+1 GiB or 10% of its memory, whichever is smaller (llama.cpp's own fitter keeps 1 GiB per device).
 """
 
 from __future__ import annotations
@@ -69,47 +21,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 from pydantic import BaseModel, Field
 
 from .errors import PlanError
+from .estimate import (
+    CTX_PAD,
+    FLOAT_TYPES,
+    KV_TYPES,
+    Estimate,
+    GiB,
+    MiB,
+    Settings,
+    estimate_memory,
+    format_bytes,
+    layer_count,
+    pad_ctx,
+)
 from .gguf_info import GGUFInfo
 from .hardware import GPUInfo, HardwareInfo
 
-MiB = 1 << 20
-GiB = 1 << 30
-
-CTX_PAD = 256  # llama_context rounds n_ctx up to a multiple of 256
 DEFAULT_CTX = 4096
 MAX_SEQ = 256  # LLAMA_MAX_SEQ: sequences one context can hold
 CPU_PARALLEL = (16, 8, 4, 2, 1)  # 16 measured best on CPU (docs/benchmarks.md)
 GPU_PARALLEL = (64, 32, 16, 8, 4, 2, 1)
 RAM_MARGIN_FRACTION, RAM_MARGIN_MIN = 0.10, 512 * MiB
 GPU_MARGIN_FRACTION, GPU_MARGIN_MAX = 0.10, 1 * GiB
-# RSS of a Python process with llama_cpp and the appliance's modules imported, before a model is
-# loaded: 108 MiB measured (the quality filters pull in datasketch and scipy; the engine alone: 58 MiB).
-RUNTIME_BYTES = 112 * MiB
-VOCAB_BYTES_PER_TOKEN = 192  # llama_vocab's tables: ~165-170 bytes a token measured (32k and 262k vocabularies)
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
-_FLOAT_TYPES = ("f32", "f16", "bf16")
-
-# Default sliding-window layout per architecture, when the file has a sliding window but no
-# `{arch}.attention.sliding_window_pattern`: (n_pattern, dense_first) as each llama.cpp model
-# calls load_swa_pattern (src/models/*.cpp). As llama_hparams::set_swa_pattern: layer il slides when
-# il % n_pattern < n_pattern - 1 (il % n_pattern != 0 when dense_first); n_pattern 0: every layer slides.
-_SWA_PATTERNS: dict[str, tuple[int | None, bool]] = {
-    "gemma2": (2, False),
-    "gemma3": (6, False),
-    "gemma-embedding": (6, False),
-    "cohere2": (4, False),
-    "exaone4": (4, False),
-    "olmo2": (4, False),
-    "gpt-oss": (2, False),
-    "mellum": (4, False),
-    "afmoe": (4, False),
-    "plamo3": (8, False),
-    "smallthinker": (4, True),
-}
 
 # Bits per weight of llama.cpp's quantization mixes, from the sizes `llama-quantize` lists for
 # Llama-3-8B (tools/quantize/quantize.cpp): size in GiB * 8 / 8.03e9 parameters.
@@ -122,13 +59,6 @@ _QUANT_BPW: dict[str, float] = {
     "Q2_K": 3.17,
 }
 
-
-def format_bytes(n: int | float) -> str:
-    """1288490188 -> '1.20 GiB'; binary units, two decimals."""
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 class Plan(BaseModel):
@@ -197,44 +127,6 @@ class Plan(BaseModel):
 
 
 @dataclass(frozen=True)
-class _Settings:
-    n_ctx: int
-    n_parallel: int
-    n_gpu_layers: int
-    n_batch: int
-    n_ubatch: int
-    swa_full: bool
-    flash_attn: bool
-    type_k: str
-    type_v: str
-
-    @property
-    def n_seq_max(self) -> int:
-        return self.n_parallel + 1
-
-
-@dataclass(frozen=True)
-class _Estimate:
-    settings: _Settings
-    weights_cpu: int
-    weights_gpu: int
-    kv_cpu: int
-    kv_gpu: int
-    compute_cpu: int
-    compute_gpu: int
-    other: int
-    swa_cells: int | None
-
-    @property
-    def cpu(self) -> int:
-        return self.weights_cpu + self.kv_cpu + self.compute_cpu + self.other
-
-    @property
-    def gpu(self) -> int:
-        return self.weights_gpu + self.kv_gpu + self.compute_gpu
-
-
-@dataclass(frozen=True)
 class _Budget:
     ram: int
     ram_margin: int
@@ -244,19 +136,19 @@ class _Budget:
     def gpu_margin(self) -> int:
         return min(GPU_MARGIN_MAX, int(self.gpu.vram_total_bytes * GPU_MARGIN_FRACTION)) if self.gpu else 0
 
-    def ram_need(self, est: _Estimate) -> int:
+    def ram_need(self, est: Estimate) -> int:
         # Metal's GPU memory is the same RAM: both sides draw on it.
         return est.cpu + (est.gpu if self.gpu and self.gpu.backend == "metal" else 0)
 
-    def ram_fits(self, est: _Estimate) -> bool:
+    def ram_fits(self, est: Estimate) -> bool:
         return self.ram_need(est) <= self.ram - self.ram_margin
 
-    def gpu_fits(self, est: _Estimate) -> bool:
+    def gpu_fits(self, est: Estimate) -> bool:
         if est.gpu == 0:
             return True
         return self.gpu is not None and est.gpu <= self.gpu.vram_free_bytes - self.gpu_margin
 
-    def fits(self, est: _Estimate) -> bool:
+    def fits(self, est: Estimate) -> bool:
         return self.ram_fits(est) and self.gpu_fits(est)
 
 
@@ -296,7 +188,7 @@ def make_plan(
     for name, kv_type in (("type_k", type_k), ("type_v", type_v)):
         if kv_type not in KV_TYPES:
             raise PlanError(f"{name} {kv_type!r} is not a KV cache type llama.cpp supports ({', '.join(KV_TYPES)})")
-    if type_v not in _FLOAT_TYPES and flash_attn is False:
+    if type_v not in FLOAT_TYPES and flash_attn is False:
         raise PlanError(f"a {type_v} V cache needs flash attention (llama.cpp refuses it without)")
     if (prefix_tokens is None) != (seq_tokens is None):
         raise ValueError("prefix_tokens and seq_tokens go together")
@@ -311,8 +203,8 @@ def make_plan(
     elif n_ctx is not None and trained and n_ctx > trained:
         adjustments.append(f"ctx {n_ctx} kept past the {trained} tokens the model was trained for (--allow-long-context): "
                            f"expect repetition or nonsense beyond {trained} tokens")
-    if n_ctx is not None and _pad(n_ctx) != n_ctx:
-        adjustments.append(f"ctx {n_ctx} -> {_pad(n_ctx)}: llama.cpp sizes the context in blocks of {CTX_PAD} tokens")
+    if n_ctx is not None and pad_ctx(n_ctx) != n_ctx:
+        adjustments.append(f"ctx {n_ctx} -> {pad_ctx(n_ctx)}: llama.cpp sizes the context in blocks of {CTX_PAD} tokens")
     if n_parallel is not None and n_parallel > MAX_SEQ - 1:
         adjustments.append(
             f"parallel {n_parallel} -> {MAX_SEQ - 1}: one llama.cpp context holds at most {MAX_SEQ} sequences, "
@@ -323,9 +215,9 @@ def make_plan(
         if not (hw.gpus and hw.gpu_offload_supported):
             why = "no GPU found" if not hw.gpus else "this llama.cpp build cannot offload to a GPU (CPU only)"
             adjustments.append(f"gpu layers {asked} -> 0: {why}")
-        elif n_gpu_layers > _n_layer(info) + 1:
+        elif n_gpu_layers > layer_count(info) + 1:
             adjustments.append(
-                f"gpu layers {asked} -> {_n_layer(info) + 1}: the model has {_n_layer(info)} layers plus the output layer"
+                f"gpu layers {asked} -> {layer_count(info) + 1}: the model has {layer_count(info)} layers plus the output layer"
             )
     ram = hw.effective_available_bytes
     search = _Search(
@@ -369,7 +261,7 @@ class _Search:
 
     @property
     def n_layer(self) -> int:
-        return _n_layer(self.info)
+        return layer_count(self.info)
 
     def plan(self, n_parallel: int | None, max_parallel: int | None) -> Plan:
         problem = self._problem()
@@ -396,14 +288,14 @@ class _Search:
         need, trained = sum(self.workload), self.info.context_length
         if self.n_ctx is None and trained and need > trained:
             return f"does not fit: one sequence needs {need} tokens, the model was trained for {trained}"
-        if self.n_ctx is not None and need > _pad(self.n_ctx):
+        if self.n_ctx is not None and need > pad_ctx(self.n_ctx):
             return f"does not fit: one sequence needs {need} tokens, more than --ctx {self.n_ctx}"
         return None
 
     def _shorter_sequences(self) -> list[str]:
         """What a sequence may hold after the shared prefix, when the context cannot hold one."""
         assert self.workload
-        limit = _pad(self.n_ctx) if self.n_ctx is not None else self.info.context_length or 0
+        limit = pad_ctx(self.n_ctx) if self.n_ctx is not None else self.info.context_length or 0
         room = limit - self.workload[0]
         if room <= 0:
             return [f"the shared prompt prefix alone ({self.workload[0]} tokens) is longer than {limit}"]
@@ -424,12 +316,12 @@ class _Search:
 
     def ctx_for(self, n_parallel: int) -> int:
         if self.n_ctx is not None:
-            return _pad(self.n_ctx)
+            return pad_ctx(self.n_ctx)
         trained = self.info.context_length
         if self.workload:
             need = self.workload[0] + n_parallel * self.workload[1]
-            return _pad(min(need, trained) if trained else need)
-        return _pad(min(trained or DEFAULT_CTX, DEFAULT_CTX))
+            return pad_ctx(min(need, trained) if trained else need)
+        return pad_ctx(min(trained or DEFAULT_CTX, DEFAULT_CTX))
 
     def _layers_requested(self) -> int | None:
         """Layers to offload: 0 without a usable GPU, None for "as many as fit", else clamped to n_layer + 1."""
@@ -441,7 +333,7 @@ class _Search:
             return self.n_layer + 1
         return min(self.n_gpu_layers, self.n_layer + 1)
 
-    def settings(self, n_parallel: int, n_ctx: int, n_gpu_layers: int) -> _Settings:
+    def settings(self, n_parallel: int, n_ctx: int, n_gpu_layers: int) -> Settings:
         batch = min(self.n_batch, n_ctx)
         swa_full = self.swa_full
         if swa_full is None:
@@ -449,8 +341,8 @@ class _Search:
             swa_full = bool(window and self.workload and sum(self.workload) > window)
         flash_attn = self.flash_attn
         if flash_attn is None:
-            flash_attn = n_gpu_layers > 0 or self.type_v not in _FLOAT_TYPES
-        return _Settings(
+            flash_attn = n_gpu_layers > 0 or self.type_v not in FLOAT_TYPES
+        return Settings(
             n_ctx,
             n_parallel,
             n_gpu_layers,
@@ -464,7 +356,7 @@ class _Search:
 
     def estimate(
         self, n_parallel: int, n_ctx: int | None = None, n_gpu_layers: int | None = None, info: GGUFInfo | None = None
-    ) -> _Estimate:
+    ) -> Estimate:
         """The estimate for these settings; the context, GPU layers and model default to the search's."""
         info = info or self.info
         ctx = self.ctx_for(n_parallel) if n_ctx is None else n_ctx
@@ -474,17 +366,17 @@ class _Search:
                 _largest(
                     0,
                     self.n_layer + 1,
-                    lambda g: self.budget.gpu_fits(_estimate(info, self.settings(n_parallel, ctx, g))),
+                    lambda g: self.budget.gpu_fits(estimate_memory(info, self.settings(n_parallel, ctx, g))),
                 )
                 or 0
             )
-        return _estimate(info, self.settings(n_parallel, ctx, layers))
+        return estimate_memory(info, self.settings(n_parallel, ctx, layers))
 
-    def _suggestions(self, chosen: _Estimate) -> list[str]:
+    def _suggestions(self, chosen: Estimate) -> list[str]:
         """Settings near `chosen` that fit, best first."""
         s, fits, out = chosen.settings, self.budget.fits, []
         if self.n_ctx is not None or not self.workload:  # the context is a free knob
-            low = _pad(sum(self.workload)) // CTX_PAD if self.workload else 1
+            low = pad_ctx(sum(self.workload)) // CTX_PAD if self.workload else 1
             k = _largest(low, s.n_ctx // CTX_PAD - 1, lambda k: fits(self.estimate(s.n_parallel, k * CTX_PAD)))
             if k is not None:
                 out.append(f"--ctx {k * CTX_PAD} fits")
@@ -503,7 +395,7 @@ class _Search:
 
 
 def _plan(
-    est: _Estimate, budget: _Budget, threads: int, fits: bool, problem: str | None, suggestions: list[str]
+    est: Estimate, budget: _Budget, threads: int, fits: bool, problem: str | None, suggestions: list[str]
 ) -> Plan:
     s = est.settings
     usable = max(budget.ram - budget.ram_margin, 0)
@@ -554,81 +446,7 @@ def _plan(
     )
 
 
-def _estimate(info: GGUFInfo, s: _Settings) -> _Estimate:
-    """Bytes on the CPU and the GPU for these settings (see the module docstring for the formulas)."""
-    n_layer = _n_layer(info)
-    layer_bytes = _layer_bytes(info, n_layer)
-    first_gpu = n_layer + 1 - s.n_gpu_layers  # layers il >= first_gpu are offloaded; il == n_layer is the output
-    on_gpu = [il >= first_gpu for il in range(n_layer)]
-    output_gpu = s.n_gpu_layers > 0
-
-    gpu_blocks = sum(b for b, g in zip(layer_bytes, on_gpu, strict=True) if g)
-    output_copy = info.output_bytes + (info.token_embd_bytes if info.output_tied else 0)
-    weights_gpu = gpu_blocks + (output_copy if output_gpu else 0)
-    weights_cpu = info.weights_bytes - gpu_blocks - (info.output_bytes if output_gpu else 0)
-
-    swa = _swa_layers(info, n_layer)
-    full_cells = swa_cells = s.n_ctx
-    if any(swa) and not s.swa_full:
-        swa_cells = _pad(min(full_cells, (info.sliding_window or 0) * s.n_seq_max + s.n_ubatch))
-    cell_bytes = info.head_count_kv * (
-        info.key_length * _bytes_per_element(s.type_k) + info.value_length * _bytes_per_element(s.type_v)
-    )
-    kv = [int((swa_cells if is_swa else full_cells) * cell_bytes) for is_swa in swa]
-    kv_gpu = sum(b for b, g in zip(kv, on_gpu, strict=True) if g)
-    kv_cpu = sum(kv) - kv_gpu
-
-    caches = ([full_cells] if not all(swa) else []) + ([swa_cells] if any(swa) else [])
-    graph = _Graph(info, s, caches)
-    cpu_blocks = on_gpu.count(False)
-    compute_gpu = max(graph.layers if cpu_blocks < n_layer else 0, graph.output if output_gpu else 0)
-    compute_cpu = max(graph.layers if cpu_blocks else graph.host, graph.output if not output_gpu else 0)
-
-    n_vocab = info.vocab_size
-    other = (
-        RUNTIME_BYTES
-        + n_vocab * VOCAB_BYTES_PER_TOKEN
-        + 4 * n_vocab * s.n_seq_max  # llama.cpp's output buffer: n_outputs_max rows of logits
-        + (graph.work if cpu_blocks else 0)
-    )
-    return _Estimate(
-        s, weights_cpu, weights_gpu, kv_cpu, kv_gpu, compute_cpu, compute_gpu, other, swa_cells if any(swa) else None
-    )
-
-
-class _Graph:
-    """Peak sizes of llama.cpp's compute graph for the two batches it reserves at load: a full
-    micro-batch (n_ubatch tokens, n_outputs_max outputs) and one token per sequence."""
-
-    def __init__(self, info: GGUFInfo, s: _Settings, caches: list[int]) -> None:
-        self.info, self.s, self.caches = info, s, caches
-        # The reserved micro-batch is split evenly over n_seq_max sequences: n_ubatch rounded up to a
-        # multiple of n_seq_max (llama_context::graph_reserve).
-        t = -(-s.n_ubatch // s.n_seq_max) * s.n_seq_max
-        batches = [(t, min(t, s.n_seq_max)), (s.n_seq_max, s.n_seq_max)]  # (tokens, outputs)
-        self.layers = max(self._layers(tokens) for tokens, _ in batches)
-        self.output = max(self._output(tokens, outputs) for tokens, outputs in batches)
-        # With every layer on the GPU the CPU still embeds the tokens (a host buffer of a few MiB).
-        self.host = 4 * t * info.embedding_length * 2
-        scores = 0 if s.flash_attn else 2 * t * info.head_count * max(caches, default=0)
-        self.work = max(scores, 4 * t * max(info.feed_forward_length or 0, info.embedding_length))
-
-    def _layers(self, t: int) -> int:
-        i, s = self.info, self.s
-        q_dim = i.head_count * i.key_length
-        # + 32 bytes a token: positions, token ids, K-cache row indices and output ids
-        masks = t * sum(self.caches) * (2 if s.flash_attn else 4) + 32 * t
-        v_rows = 0 if s.flash_attn else 8 * t * i.head_count_kv * i.value_length * len(self.caches)
-        ffn = 4 * t * (3 * (i.feed_forward_length or 4 * i.embedding_length) + 3 * i.embedding_length + q_dim)
-        scores = i.head_count * max(self.caches, default=0)
-        attn = 0 if s.flash_attn else 4 * t * (scores + 4 * i.embedding_length + 2 * q_dim)
-        return masks + v_rows + max(attn, ffn)
-
-    def _output(self, t: int, outputs: int) -> int:
-        return 4 * (outputs * self.info.vocab_size + 3 * t * self.info.embedding_length)
-
-
-def _smaller_quant(info: GGUFInfo, estimate: Callable[[GGUFInfo], _Estimate], budget: _Budget) -> str | None:
+def _smaller_quant(info: GGUFInfo, estimate: Callable[[GGUFInfo], Estimate], budget: _Budget) -> str | None:
     """'a Q4_K_M quant would need about X' for the largest standard quant below this file's that fits."""
     if not info.n_params:
         return None
@@ -669,42 +487,3 @@ def _largest(low: int, high: int, ok: Callable[[int], bool]) -> int | None:
         else:
             high = mid - 1
     return low
-
-
-def _pad(n: int) -> int:
-    return max(CTX_PAD, -(-n // CTX_PAD) * CTX_PAD)
-
-
-def _n_layer(info: GGUFInfo) -> int:
-    return max(info.block_count, len(info.layer_bytes))
-
-
-def _layer_bytes(info: GGUFInfo, n_layer: int) -> list[int]:
-    if len(info.layer_bytes) == n_layer:
-        return info.layer_bytes
-    rest = info.weights_bytes - info.input_bytes - info.output_bytes
-    return [rest // n_layer] * n_layer
-
-
-def _bytes_per_element(ggml_type: str) -> float:
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type.upper()]]
-    return size / block
-
-
-def _swa_layers(info: GGUFInfo, n_layer: int) -> list[bool]:
-    """Which layers use the sliding window. Unknown layouts count as full attention (the larger cache)."""
-    if not info.sliding_window:
-        return [False] * n_layer
-    n_pattern, dense_first = _SWA_PATTERNS.get(info.architecture, (None, False))
-    stored = info.metadata.get(f"{info.architecture}.attention.sliding_window_pattern")
-    if isinstance(stored, int) and not isinstance(stored, bool):
-        n_pattern = stored
-    elif stored is not None:  # a per-layer array, which GGUFInfo keeps only as a summary
-        n_pattern = None
-    if n_pattern is None:
-        return [False] * n_layer
-    if n_pattern == 0:
-        return [True] * n_layer
-    if dense_first:
-        return [il % n_pattern != 0 for il in range(n_layer)]
-    return [il % n_pattern < n_pattern - 1 for il in range(n_layer)]

@@ -32,10 +32,11 @@ import gguf
 import numpy as np
 import psutil
 
+from appliance.estimate import RUNTIME_BYTES, VOCAB_BYTES_PER_TOKEN, MiB
 from appliance.gguf_reader import read_gguf
 from appliance.hardware import detect_hardware
 from appliance.models import demo_model_path
-from appliance.planner import RUNTIME_BYTES, VOCAB_BYTES_PER_TOKEN, MiB, Plan, make_plan
+from appliance.planner import Plan, make_plan
 
 SETTINGS: list[tuple[int, int, dict[str, Any]]] = [  # n_ctx, n_parallel, extra make_plan arguments
     (512, 1, {}),

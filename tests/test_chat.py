@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance import chat
+from appliance import chat_worker
 from appliance.chat import (
     BUILTIN_TEMPLATES,
     ChatTemplate,
-    ChatTemplateError,
     decide_mode,
     load_chat_template,
     merge_system,
 )
 from appliance.engine import Vocab, _tokenize
+from appliance.errors import ChatTemplateError
 from appliance.prompts import load_prompt, parse_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,7 +145,7 @@ def test_hostile_or_broken_templates_give_one_line_errors(source, kind, message)
 
 
 def test_runaway_loop_is_stopped_and_the_worker_replaced(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(chat, "RENDER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(chat_worker, "RENDER_TIMEOUT_S", 1.0)
     spin = ChatTemplate("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "model", "evil-model")
     with pytest.raises(ChatTemplateError) as err:
         spin.render([Q1])
@@ -176,8 +176,13 @@ def test_override_by_name_or_file_and_bad_overrides(demo_model: Path, smollm2_mo
 
 
 def test_mode_rule_on_shipped_prompts_and_a_plain_question(smollm2_template: ChatTemplate):
-    shipped = sorted((REPO / "prompts").glob("*.md"))
+    chat_prompts = {"question.md", "explain.md"}  # written for instruct models: a plain question, and turns
+    shipped = sorted(p for p in (REPO / "prompts").glob("*.md") if p.name not in chat_prompts)
     assert len(shipped) >= 4
+    for name in chat_prompts:
+        prompt = load_prompt(REPO / "prompts" / name)
+        assert not prompt.is_fewshot_completion and decide_mode("auto", smollm2_template, prompt) == "chat", name
+        assert decide_mode("auto", None, prompt) == "completion"  # a base model gets the completion form
     for path in shipped:
         prompt = load_prompt(path)
         assert prompt.is_fewshot_completion, path.name

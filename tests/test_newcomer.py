@@ -68,14 +68,14 @@ def test_an_interrupted_recipe_run_names_the_command_that_continues_it(run_cli, 
     recipe = shrink_recipe(workdir, count=3)
     seen = []
 
-    def stop_after_the_first(self, text: str) -> None:
-        seen.append(text)
+    def stop_after_the_first(self, row: dict) -> None:
+        seen.append(row)
         raise KeyboardInterrupt  # Ctrl-C right after the first output is stored
 
     from appliance.progress import GenerationProgress
 
     with monkeypatch.context() as m:
-        m.setattr(GenerationProgress, "print", stop_after_the_first)
+        m.setattr(GenerationProgress, "row", stop_after_the_first)
         result = run_cli("run", "recipes/synthetic-reviews.toml", "--parallel", "1", ok=False)
     assert result.exit_code == 130
     command = "appliance run recipes/synthetic-reviews.toml --resume 1"
@@ -93,14 +93,14 @@ def test_an_interrupted_recipe_run_names_the_command_that_continues_it(run_cli, 
 def test_an_interrupted_generate_run_says_it_cannot_be_resumed_and_what_to_run(run_cli, demo_model, monkeypatch):
     args = ["generate", "prompts/product-review.md", "-m", str(demo_model), "-n", "3", "--max-tokens", "6", "--parallel", "1"]
 
-    def stop(self, text: str) -> None:
+    def stop(self, row: dict) -> None:
         raise KeyboardInterrupt
 
     from appliance.progress import GenerationProgress
 
     with monkeypatch.context() as m:
         m.setattr(sys, "argv", ["appliance", *args])  # what the command line was
-        m.setattr(GenerationProgress, "print", stop)
+        m.setattr(GenerationProgress, "row", stop)
         result = run_cli(*args, ok=False)
     again = f"`appliance {shlex.join(args)}`"
     assert result.exit_code == 130

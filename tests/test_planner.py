@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import PlanError
+from appliance.estimate import GiB, MiB, format_bytes
 from appliance.gguf_info import GGUFInfo
 from appliance.gguf_reader import read_gguf
 from appliance.hardware import GPUInfo, HardwareInfo
-from appliance.planner import GiB, MiB, format_bytes, make_plan
+from appliance.planner import make_plan
 
 KiB = 1 << 10
 

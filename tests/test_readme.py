@@ -39,6 +39,7 @@ SMALLER = {
     "recipes/annotated-coriolanus.toml": [("count = 16", "count = 2")],
     "recipes/augmented-qa.toml": [("count = 16", "count = 3")],  # 2 kept nothing (grounding): the run exits 1
     "tasks/smart-home.toml": [("count = 40", "count = 16"), ("samples = 3", "samples = 1")],
+    "recipes/instruct-explanations.toml": [("count = 12", "count = 4")],
 }
 
 

@@ -1,0 +1,25 @@
+"""The `appliance` subcommands, by concern (`setup`, `runs`, `view`), and what they share; `appliance.cli`
+puts them all on one group and owns the process (error lines, signals, the offline guard)."""
+
+from __future__ import annotations
+
+import click
+
+
+def open_store(ctx: click.Context, readonly: bool = False):
+    from ..store import Store
+
+    return Store(ctx.obj["db"], readonly=readonly)
+
+
+def open_registry(store):
+    from ..models import Registry
+
+    return Registry(store)
+
+
+def hint(run_id: int | str = "RUN_ID") -> str:
+    """The report/browse line (`appliance.report.hint`), imported only when printed."""
+    from .. import report
+
+    return report.hint(run_id)
