@@ -302,7 +302,7 @@ def special_token_text(model_path: str | Path, vocab: Any = None) -> tuple[str |
 
     import llama_cpp
 
-    from .engine import Vocab
+    from .llama import Vocab
 
     own = None
     if vocab is None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import jinja2.sandbox
 
-from .engine import Vocab
+from .llama import Vocab
 from .errors import ApplianceError, ResumeError, with_article
 from .generate import sampling_for
 from .models import Registry

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .engine import SamplingParams
+from .generation import SamplingParams
 from .errors import ApplianceError, with_article
 from .metrics import classification_report, extraction_report, transform_report
 from .models import Registry

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .engine import SamplingParams
+from .generation import SamplingParams
 from .errors import ApplianceError
 from .prompts import PromptFile, load_prompt, parse_prompt
 from .quality import Verdict

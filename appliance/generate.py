@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .engine import SamplingParams
+from .generation import SamplingParams
 from .models import Registry
 from .planner import Plan
 from .prompts import PromptFile, VarValue, check_used

@@ -130,7 +130,7 @@ def gbnf_parses(gbnf: str) -> bool:
     """Whether llama.cpp's own GBNF parser accepts a grammar (no model needed)."""
     import llama_cpp
 
-    from .engine import _install_log_capture
+    from .llama import _install_log_capture
 
     _install_log_capture()
     with _quiet_stderr():  # llama.cpp's grammar parser writes its complaint straight to stderr

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .engine import SamplingParams
+from .generation import SamplingParams
 from .quality import cue_line, strip_cue
 from .runner import Execution, Item, item_seeds, pending
 

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Completion, SamplingParams
+from .generation import Completion, SamplingParams
 from .store import Store, to_json, utcnow
 
 

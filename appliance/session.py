@@ -22,7 +22,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .engine import Engine, Request, SamplingParams, count_prompt_tokens
+from .engine import Engine
+from .generation import Request, SamplingParams
+from .llama import count_prompt_tokens
 from .errors import ApplianceError, RunInterrupted
 from .events import RunEvents
 from .hardware import detect_hardware

@@ -108,7 +108,7 @@ def grammar_parses(gbnf: str) -> bool:
     log (shown with APPLIANCE_DEBUG=1)."""
     import llama_cpp
 
-    from .engine import _install_log_capture
+    from .llama import _install_log_capture
 
     _install_log_capture()
     sampler = llama_cpp.llama_sampler_init_grammar(None, gbnf.encode("utf-8"), b"root")

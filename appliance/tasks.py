@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .datasets import RunSummary, find_resumable, summarize
-from .engine import SamplingParams
+from .generation import SamplingParams
 from .errors import ApplianceError
 from .events import RunEvents
 from .export import Example, parse_split_spec, split_examples

@@ -77,7 +77,8 @@ def worker_naive(model: str) -> dict:
 
 
 def worker_engine(model: str, n_parallel: int | None) -> dict:
-    from appliance.engine import Engine, Request, SamplingParams, count_prompt_tokens
+    from appliance.engine import Engine, Request, SamplingParams
+    from appliance.llama import count_prompt_tokens
     from appliance.gguf_reader import read_gguf
     from appliance.hardware import detect_hardware
     from appliance.planner import make_plan
@@ -181,7 +182,8 @@ def worker_ceiling(model: str, n: int) -> dict:
     one token per sequence with logits, never sampled (a fixed token is fed back)."""
     import llama_cpp as ll
 
-    from appliance.engine import Engine, count_prompt_tokens
+    from appliance.engine import Engine
+    from appliance.llama import count_prompt_tokens
     from appliance.gguf_reader import read_gguf
     from appliance.hardware import detect_hardware
     from appliance.planner import make_plan
@@ -215,7 +217,8 @@ def worker_ceiling(model: str, n: int) -> dict:
 
 def _engine_rate(model: str, prompts: list[str], n_parallel: int | None, max_tokens: int, grammar=None,
                  temperature: float = TEMPERATURE, chat: bool = False) -> dict:
-    from appliance.engine import Engine, Request, SamplingParams, count_prompt_tokens
+    from appliance.engine import Engine, Request, SamplingParams
+    from appliance.llama import count_prompt_tokens
     from appliance.gguf_reader import read_gguf
     from appliance.hardware import detect_hardware
     from appliance.planner import make_plan

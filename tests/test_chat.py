@@ -16,7 +16,7 @@ from appliance.chat import (
     load_chat_template,
     merge_system,
 )
-from appliance.engine import Vocab, _tokenize
+from appliance.llama import Vocab, _tokenize
 from appliance.errors import ChatTemplateError
 from appliance.prompts import load_prompt, parse_prompt
 

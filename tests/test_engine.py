@@ -10,8 +10,9 @@ import json
 import jsonschema
 import pytest
 
-from appliance import engine as engine_module
-from appliance.engine import Engine, Request, SamplingParams, decode_only_rate
+from appliance import llama as llama_module
+from appliance.engine import Engine, Request, SamplingParams
+from appliance.llama import decode_only_rate
 from appliance.errors import GenerationError
 from appliance.grammar import Grammar, GrammarError
 from appliance.gguf_reader import read_gguf
@@ -315,9 +316,9 @@ def test_generate_many_times_on_one_engine(engines):
 
 def test_llama_log_lines_of_an_earlier_call_are_not_quoted(engines):
     engine = engines(2)
-    engine_module._LOG_LINES.append("llama_decode: failed to find a memory slot (stale line)\n")
+    llama_module._LOG_LINES.append("llama_decode: failed to find a memory slot (stale line)\n")
     list(engine.generate([Request(key=0, prompt="Hi", seed=1)], SamplingParams(max_tokens=2)))
-    assert "stale line" not in engine_module._last_error_line()
+    assert "stale line" not in llama_module._last_error_line()
 
 
 def test_decode_only_rate_measures_the_kernel(engines):
@@ -349,7 +350,7 @@ def test_numpy_candidates_draw_exactly_what_llama_sampler_sample_draws(engines, 
 def test_top_candidates_always_hold_the_k_largest():
     import numpy as np
 
-    from appliance.engine import _top_candidates
+    from appliance.generation import _top_candidates
 
     rng = np.random.default_rng(0)
     for spread in (0.5, 5.0, 50.0):  # many near the top (margin suffices) to a few far apart (exact partition)

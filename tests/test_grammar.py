@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from appliance.engine import Vocab
+from appliance.llama import Vocab
 from appliance.grammar import Constrainer, Grammar, GrammarError, as_grammar, _no_extra_properties
 
 TICKET = {
