@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -60,7 +61,7 @@ class GenerationProgress(RunEvents):
                 f"{prefix_tokens} shared prompt tokens")
         if self._progress is None and not self.started:
             for line in getattr(plan, "adjustments", []):  # every value the planner changed from what was asked, and why
-                self.console.print(f"note: {line}", markup=False, highlight=False)
+                click.echo(f"note: {line}", err=True)
             self.start(note, n_items)
         elif self._progress is None:
             self.total += n_items
@@ -80,7 +81,7 @@ class GenerationProgress(RunEvents):
             self._progress.refresh()
 
     def warning(self, message: str) -> None:
-        self.console.print(f"warning: {message}", markup=False, highlight=False)
+        click.echo(f"warning: {message}", err=True)  # one line, never wrapped: people grep for these
 
     # -- the bar ------------------------------------------------------------------------------
     def start(self, description: str, total: int) -> None:
