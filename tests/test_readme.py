@@ -185,8 +185,9 @@ def test_following_the_readme_in_order_runs_every_command(tmp_path):
             for shipped, small in changes:
                 assert shipped in path.read_text(), f"{rel} no longer says {shipped!r}: update SMALLER"
                 path.write_text(path.read_text().replace(shipped, small))
-    (folder / ".venv").mkdir()
-    (folder / ".venv" / "bin").symlink_to(Path(sys.executable).parent)  # the installed appliance, sqlite-utils, python
+    # the installed environment (appliance, sqlite-utils, python) as a whole: `.venv/bin/python` needs the venv's
+    # pyvenv.cfg beside bin/ to see its packages
+    (folder / ".venv").symlink_to(Path(sys.executable).parent.parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # this checkout's code
     env["HOME"] = os.environ.get("HOME", str(tmp_path))
