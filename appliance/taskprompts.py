@@ -103,6 +103,19 @@ def output_grammar(task: Task, chat: bool = False) -> str | None:
     return None
 
 
+def output_constraint(task: Task, chat: bool = False) -> Any:
+    """The engine's constraint for an output (llguidance: checked per sampled token, forced tokens appended),
+    the same language as `output_grammar`; None for transform."""
+    from .grammar import Grammar
+
+    lead = "" if chat else " "
+    if isinstance(task, ClassifyTask):
+        return Grammar.choice(task.label_names, prefix=lead)
+    if isinstance(task, ExtractTask):
+        return Grammar.from_json_schema(task.json_schema, prefix=lead)
+    return None
+
+
 def grammar_parses(gbnf: str) -> bool:
     """Whether llama.cpp's own parser accepts a grammar (no model needed); its complaint goes to its
     log (shown with APPLIANCE_DEBUG=1)."""

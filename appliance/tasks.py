@@ -35,7 +35,7 @@ from .store import Store, insert_row, utcnow
 from .taskprompts import (
     INPUT_STOP,
     copied_scaffold,
-    output_grammar,
+    output_constraint,
     parse_input,
     parse_output,
     render_input_prompt,
@@ -122,7 +122,7 @@ def task_item(task: Task, text: str, style: PromptStyle, **fields: Any) -> Item:
     """One request for `task`'s output on `text`, as the teacher and the student are both asked it:
     the few-shot completion prompt, or its chat form; the grammar constrains only the answer."""
     prompt = task_messages(task, text) if style.chat else render_task_prompt(task, text)
-    return style.message_item(prompt, grammar=output_grammar(task, chat=style.chat), **fields)
+    return style.message_item(prompt, grammar=output_constraint(task, chat=style.chat), **fields)
 
 
 def _output_items(loaded: LoadedTaskSpec, round_no: int, inputs: list[tuple[int, Task, str]], style: PromptStyle) -> list[Item]:
