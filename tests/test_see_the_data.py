@@ -70,7 +70,7 @@ def data(tmp_path_factory, demo_model) -> dict:
     code, _, err = _invoke(db, "generate", str(folder / "prompts/product-review.md"), "-m", str(demo_model), "-n", "2",
                            "--max-tokens", "24", "--var", "product=a desk lamp")
     assert code == 0, err
-    runs["generate"] = int(re.search(r"^run (\d+):", err, re.M)[1])
+    runs["generate"] = int(re.search(r"^run (\d+) \(\w+ mode\):", err, re.M)[1])
     code, out, err = _invoke(db, "eval", str(demo_model), "--dataset", str(runs["task"]), "--split", "train")
     assert code == 0, err
     runs["eval"] = int(re.search(r"\(run (\d+)\)", out)[1])
@@ -204,7 +204,7 @@ def test_report_of_a_run_without_outputs_and_of_hostile_output(data, browser):
 
 def test_report_bad_inputs(data, tmp_path):
     code, _, err = _invoke(data["db"], "report", "999", "--out", str(tmp_path / "x.html"))
-    assert code == 1 and err == "Error: no run 999 (see `appliance runs`)\n"
+    assert code == 1 and err.startswith("Error: no run 999: give a run id, `last` or a run name") and err.count("\n") == 1
     code, _, err = _invoke(data["db"], "report", "1", "--out", str(tmp_path))
     assert code == 1 and err.startswith(f"Error: {tmp_path} is a folder")
     code, _, err = _invoke(data["db"], "report", "1", "--out", str(tmp_path / "missing" / "x.html"))
