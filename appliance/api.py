@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from . import offline as _offline
-from .datasets import RunSummary, run_recipe
+from .datasets import RunSummary, run_file
 from .evaluate import EvalResult, evaluate
 from .events import RunEvents
 from .export import ExportResult, export_run
 from .generate import GenerateOptions, GenerateResult, generate
 from .models import ModelRecord, Registry
 from .prompts import load_prompt
-from .recipe import is_task_spec, load_recipe
 from .schema import load_json_schema
 from .store import Store, default_db_path
 
@@ -96,17 +95,14 @@ class Appliance:
         parallel: int | None = None,
         mode: str | None = None,
         chat_template: str | None = None,
+        ray: str | None = None,
+        ray_actors: int | None = None,
     ) -> RunSummary:
-        """`appliance run`: a recipe or a task spec; running the same file again continues its unfinished run."""
+        """`appliance run`: a recipe or a task spec; running the same file again continues its unfinished run.
+        `ray` (local, auto, HOST:PORT, ray://HOST:PORT) spreads the generation over a Ray cluster's actors."""
         with self._call():
-            if is_task_spec(file):
-                from .taskspec import load_task_spec
-                from .tasks import run_task_spec
-
-                return run_task_spec(self.store, self.registry, load_task_spec(file), resume=resume, new_run=new_run,
-                                     n_parallel=parallel, mode=mode, chat_template=chat_template, events=self.events)
-            return run_recipe(self.store, self.registry, load_recipe(file), resume=resume, new_run=new_run,
-                              n_parallel=parallel, mode=mode, chat_template=chat_template, events=self.events)
+            return run_file(self.store, self.registry, file, ray=ray, ray_actors=ray_actors, resume=resume,
+                            new_run=new_run, n_parallel=parallel, mode=mode, chat_template=chat_template, events=self.events)
 
     def export(self, run_id: int, out: str | Path, *, format: str = "openai", split: str | None = None,
                seed: int = 0, resplit: bool = False) -> ExportResult:

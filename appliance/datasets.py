@@ -368,6 +368,28 @@ def _finals(store: Store, run_id: int) -> list[tuple[int, int, str, dict[str, An
     return out
 
 
+def run_file(store: Store, registry: Registry, file: str | Path, *, ray: str | None = None, ray_actors: int | None = None,
+             **options: Any) -> RunSummary:
+    """`appliance run FILE`: a recipe or a task spec, in this process or (`ray`: local, auto, HOST:PORT or
+    ray://HOST:PORT) on a Ray cluster's actors; `options` are run_recipe's / run_task_spec's."""
+    from .recipe import is_task_spec, load_recipe
+
+    if is_task_spec(file):
+        from .taskspec import load_task_spec
+        from .tasks import run_task_spec
+
+        loaded: Any = load_task_spec(file)
+        runner: Any = run_task_spec
+    else:
+        loaded, runner = load_recipe(file), run_recipe
+    if ray is None:
+        return runner(store, registry, loaded, **options)
+    from .cluster import Cluster
+
+    with Cluster(ray, actors=ray_actors) as cluster:
+        return runner(store, registry, loaded, cluster=cluster, **options)
+
+
 def run_recipe(
     store: Store,
     registry: Registry,
@@ -379,6 +401,7 @@ def run_recipe(
     mode: str | None = None,
     chat_template: str | None = None,
     events: RunEvents | None = None,
+    cluster: Any = None,
 ) -> RunSummary:
     events = events or RunEvents()
     recipe = loaded.recipe
@@ -396,6 +419,8 @@ def run_recipe(
     schema = load_json_schema(loaded.resolve(recipe.schema_file)) if recipe.schema_file else None
     params = sampling_for(prompt, recipe.sampling.model_dump(exclude={"stop"}) | ({"stop": recipe.sampling.stop} if recipe.sampling.stop is not None else {}))
     record = registry.resolve(recipe.model)
+    if cluster is not None:
+        registry.ensure_sha256(record)  # the nodes' copies are checked against it
     style = style_for(record, prompt=prompt, mode=mode or recipe.mode, chat_template=chat_template or recipe.chat_template,
                       system=recipe.system)
     run_id, complete = find_run(store, loaded, prompt, resume, new_run, style)
@@ -416,7 +441,7 @@ def run_recipe(
     execution = None
     resumed = run_id is not None
     if not complete:
-        with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel) as session:
+        with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel, cluster=cluster) as session:
             todo = pending(store, run_id, items)
             session.prepare([([it.prompt for it in todo or items], params)])
             prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)

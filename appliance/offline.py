@@ -22,6 +22,7 @@ class NetworkBlocked(ApplianceError):
 
 
 _originals: dict[str, Any] = {}
+_allowed: set[str] = set()  # hosts given on the command line (a Ray cluster's address) and their addresses
 
 
 def _is_local(address: Any) -> bool:
@@ -32,7 +33,7 @@ def _is_local(address: Any) -> bool:
     host = address[0]
     if isinstance(host, bytes):
         host = host.decode(errors="replace")
-    if host in ("localhost", ""):
+    if host in ("localhost", "") or host in _allowed:
         return True
     try:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
@@ -85,6 +86,18 @@ def install() -> None:
     socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
     socket.socket.sendto = sendto  # type: ignore[method-assign]
     socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+
+
+def allow(hosts: list[str]) -> None:
+    """Allow connections to these hosts (names or addresses; a name's addresses too) and nothing else
+    beyond loopback: the cluster address the user gave on the command line."""
+    for host in hosts:
+        _allowed.add(host)
+        resolve = _originals.get("getaddrinfo", socket.getaddrinfo)
+        try:
+            _allowed.update(info[4][0] for info in resolve(host, None))
+        except OSError:
+            pass  # not resolvable here: connecting to it fails with the resolver's own message
 
 
 def uninstall() -> None:

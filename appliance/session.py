@@ -11,30 +11,44 @@ session:
 
 Status transitions each happen in exactly one place: `begin`/`attach` (running), `complete`
 (completed), and `__exit__` (interrupted on Ctrl-C/SIGTERM, failed on any other exception, with the
-reason; Ctrl-C becomes `RunInterrupted` with the command that continues the run). The model is loaded once, on the first `generate`, and reused by every later stage; a stage
-that could not fit one sequence in the loaded context reloads it (each load is recorded in the run's
-events with its time).
+reason; Ctrl-C becomes `RunInterrupted` with the command that continues the run).
+
+The session's workers generate: a `worker.ModelWorker` in this process, or (`run --ray`) one per Ray
+actor (`cluster.RayWorkers`). Either loads the model once, on the first `generate`, and reuses it for
+every later stage; a stage that could not fit one sequence in the loaded context reloads it (each load
+is recorded in the run's events with its time and where it ran). Rows are written here, by this
+process's one writer, whatever generated them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from .engine import Engine
-from .generation import Request, SamplingParams
-from .llama import count_prompt_tokens
 from .errors import ApplianceError, RunInterrupted
 from .events import RunEvents
-from .hardware import detect_hardware
+from .generation import Request, SamplingParams
 from .logs import interrupted_message
 from .models import ModelRecord
-from .planner import Plan, make_plan
+from .planner import Plan
 from .runner import Execution, Item, pending, row_for
 from .store import Store, Writer
+from .worker import Limits, ModelWorker, Needs, needs_for
 
 Workload = tuple[Sequence[str], SamplingParams]
+
+
+class Workers(Protocol):
+    """Where a session's requests are generated: a `ModelWorker` in this process, or a cluster's
+    actors (`appliance.cluster`); both plan, stream the same notices and count their model loads."""
+
+    loads: int
+    load_seconds: float
+
+    def prepare(self, needs: Needs) -> Plan: ...
+    def stream(self, requests: list[Request], params: SamplingParams) -> Any: ...
+    def close(self) -> None: ...
 
 
 class RunSession:
@@ -47,36 +61,33 @@ class RunSession:
         n_parallel: int | None = None,
         n_ctx: int | None = None,
         n_gpu_layers: int | None = None,
+        cluster: Any = None,
     ) -> None:
         self.store, self.record = store, record
         self.events = events or RunEvents()
-        self.n_parallel, self.n_ctx, self.n_gpu_layers = n_parallel, n_ctx, n_gpu_layers
+        limits = Limits(n_parallel=n_parallel, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
+        self.workers: Workers = cluster.workers(record, limits) if cluster is not None else ModelWorker(record.path, record.info, limits)
         self.run_id: int | None = None
         self.plan: Plan | None = None
         self.prefix_tokens = 0
-        self.engine: Engine | None = None
-        self.loads = 0
-        self.load_seconds = 0.0
         self._completed = False
+
+    @property
+    def loads(self) -> int:
+        return self.workers.loads
+
+    @property
+    def load_seconds(self) -> float:
+        return self.workers.load_seconds
 
     # -- planning -----------------------------------------------------------------------------
     def prepare(self, workloads: Sequence[Workload]) -> Plan:
         """Plan once for every stage the run will have: the longest shared prefix and the longest
         per-sequence need among the workloads, so each stage runs at the plan's full parallelism.
         Refused (PlanError) before anything is loaded when it does not fit."""
-        prefix, seq, n_max = 0, 1, 1
-        for prompts, params in workloads:
-            if not prompts:
-                continue
-            p, s = count_prompt_tokens(self.record.path, list(prompts))
-            prefix, seq, n_max = max(prefix, p), max(seq, s + params.max_tokens), max(n_max, len(prompts))
-        plan = make_plan(
-            self.record.info, detect_hardware(), n_ctx=self.n_ctx, n_parallel=self.n_parallel,
-            n_gpu_layers=self.n_gpu_layers, prefix_tokens=prefix, seq_tokens=seq, max_parallel=n_max,
-        )
-        plan.require()
-        self.plan, self.prefix_tokens = plan, prefix
-        return plan
+        needs = needs_for(self.record.path, workloads)
+        self.plan, self.prefix_tokens = self.workers.prepare(needs), needs.prefix_tokens
+        return self.plan
 
     # -- status -------------------------------------------------------------------------------
     def begin(self, **fields: Any) -> int:
@@ -119,33 +130,9 @@ class RunSession:
             self.close()
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self.workers.close()
 
     # -- generation ---------------------------------------------------------------------------
-    def _engine_for(self, items: list[Item], params: SamplingParams) -> Engine:
-        """The loaded engine, loading it (or reloading it with a larger plan) when needed."""
-        if self.plan is None:
-            self.prepare([([it.prompt for it in items], params)])
-        if self.engine is not None:
-            longest = max(len(self.engine.tokenize(it.prompt)) for it in items)
-            if longest + _max_tokens(items, params) <= self.engine.n_ctx:
-                return self.engine
-            self.close()
-            self.plan = None
-            self.prepare([([it.prompt for it in items], params)])
-        assert self.plan is not None
-        start = time.perf_counter()
-        self.engine = Engine(self.record.path, self.plan)
-        seconds = time.perf_counter() - start
-        self.loads += 1
-        self.load_seconds += seconds
-        self.event("info", f"model {self.record.name} loaded in {seconds:.2f} s (load {self.loads} of this session; "
-                           f"ctx {self.plan.n_ctx}, parallel {self.plan.n_parallel}, gpu layers {self.plan.n_gpu_layers})")
-        self.events.loaded(seconds)
-        return self.engine
-
     def generate(self, items: list[Item], params: SamplingParams, *, prompt_id: int | None = None,
                  grammar: Any = None) -> Execution:
         """Generate every item the run has not stored yet; each row is written the moment it completes."""
@@ -155,29 +142,38 @@ class RunSession:
         start = time.perf_counter()
         if not todo:
             return Execution(0, 0, 0.0, 0.0, [])
+        if self.plan is None:
+            self.prepare([([it.prompt for it in todo], params)])
         self.events.planned(self.plan, self.prefix_tokens, len(todo))
-        engine = self._engine_for(todo, params)
         writer = Writer(self.store.path)
-        tokens = 0
-        retries_before = len(engine.stats.retries)
+        tokens, warnings = 0, []
+        by_index = {it.index: it for it in todo}
         try:
-            requests = [_request(it, grammar) for it in todo]
-            by_index = {it.index: it for it in todo}
-            for done in engine.generate(requests, params, on_step=self.events.tokens):
-                row = row_for(self.run_id, prompt_id, by_index[done.key], done)
-                writer.put(row)
-                tokens += done.tokens_out
-                self.events.row(row)
+            for kind, payload in self.workers.stream([_request(it, grammar) for it in todo], params):
+                tokens += self._notice(kind, payload, writer, prompt_id, by_index, warnings)
         finally:
             stats = writer.close()
-        retries = engine.stats.retries[retries_before:]
-        for message in retries:
-            self.event("warning", message)
-        return Execution(stats.rows, tokens, time.perf_counter() - start, stats.seconds, retries)
+        return Execution(stats.rows, tokens, time.perf_counter() - start, stats.seconds, warnings)
 
-
-def _max_tokens(items: list[Item], params: SamplingParams) -> int:
-    return max([params.max_tokens] + [it.params.max_tokens for it in items if it.params is not None])
+    def _notice(self, kind: str, payload: Any, writer: Writer, prompt_id: int | None, by_index: dict[int, Item],
+                warnings: list[str]) -> int:
+        """Act on one worker notice (see `appliance.worker`); the completion tokens it stored."""
+        if kind == "done":
+            row = row_for(self.run_id, prompt_id, by_index[payload.key], payload)
+            writer.put(row)
+            self.events.row(row)
+            return payload.tokens_out
+        if kind == "tokens":
+            self.events.tokens(payload)
+        elif kind == "loaded":
+            self.event("info", payload.message(self.record.name))
+            self.events.loaded(payload.seconds)
+        elif kind == "warning":
+            self.event("warning", payload)
+            warnings.append(payload)
+        elif kind == "info":
+            self.event("info", payload)
+        return 0
 
 
 def _request(item: Item, grammar: Any) -> Request:

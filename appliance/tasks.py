@@ -165,10 +165,13 @@ def run_task_spec(
     mode: str | None = None,
     chat_template: str | None = None,
     events: RunEvents | None = None,
+    cluster: Any = None,
 ) -> RunSummary:
     spec = loaded.spec
     ratios = parse_split_spec(spec.split)
     record = registry.resolve(spec.model)
+    if cluster is not None:
+        registry.ensure_sha256(record)  # the nodes' copies are checked against it
     # The built-in task prompts come in both forms, so auto means chat whenever a template is there.
     style = style_for(record, mode=mode or spec.mode, chat_template=chat_template or spec.chat_template, fewshot=False)
     run_id, complete = _find_run(store, loaded, resume, new_run, style)
@@ -194,7 +197,7 @@ def run_task_spec(
 
     answers: list[Answer] = []
     executions = []
-    with RunSession(store, record, events=events, n_parallel=n_parallel) as session:
+    with RunSession(store, record, events=events, n_parallel=n_parallel, cluster=cluster) as session:
         for round_no in range(MAX_ROUNDS):
             have = _kept_counts(answers, spec)
             deficits = {key: goal - have.get(key, 0) for key, goal in goals().items() if goal - have.get(key, 0) > 0}

@@ -6,7 +6,7 @@
 #   scripts/install.sh --metal    Apple GPU build (-DGGML_METAL=on; the default on macOS)
 #   scripts/install.sh --cpu      CPU only, even on macOS
 #
-# Environment: APPLIANCE_VENV (default .venv), APPLIANCE_EXTRAS (default "demo,test"),
+# Environment: APPLIANCE_VENV (default .venv), APPLIANCE_EXTRAS (default "demo,test,ray"),
 # CMAKE_ARGS (extra flags, appended after ours so they win).
 #
 # Why not plain `pip install llama-cpp-python`: its default build is GGML_NATIVE=ON, which on CPUs
@@ -86,7 +86,7 @@ if [ "$installed" != "$LLAMA_CPP_PYTHON_VERSION" ] || [ "$(cat "$stamp" 2>/dev/n
   echo "$key" > "$stamp"
 fi
 
-extras="${APPLIANCE_EXTRAS-demo,test}"
+extras="${APPLIANCE_EXTRAS-demo,test,ray}"
 if [ -n "$extras" ]; then
   "$venv/bin/python" -m pip install --quiet -e ".[$extras]"
 else

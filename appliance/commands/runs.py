@@ -76,28 +76,23 @@ def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, 
 @click.option("--quiet", is_flag=True, help="Do not print outputs as they complete.")
 @click.option("--mode", type=click.Choice(["auto", "chat", "completion"]), help="Prompt through the model's chat template (chat) or as plain text (completion); default: the recipe's, else auto.")
 @click.option("--chat-template", "chat_template", metavar="NAME|FILE", help="Chat template for GGUFs without one (or with a broken one): chatml, llama3, mistral, gemma, ... or a Jinja2 file.")
+@click.option("--ray", "ray", metavar="ADDRESS", help="Generate on a Ray cluster: local (start one on this machine), auto, HOST:PORT or ray://HOST:PORT (join one). Needs appliance[ray].")
+@click.option("--ray-actors", "ray_actors", type=click.IntRange(min=1), help="With --ray: this many actors spread over the nodes (default: one per node, one per GPU on GPU nodes).")
 @click.pass_context
-def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, quiet: bool, mode, chat_template) -> None:
+def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, quiet: bool, mode, chat_template, ray, ray_actors) -> None:
     """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented) or a task spec
     (`[[tasks]]`: data for small models). Re-running the file continues its unfinished run."""
-    from ..datasets import run_recipe
+    from ..datasets import run_file
     from ..progress import GenerationProgress, text_row
-    from ..recipe import is_task_spec, load_recipe
 
     if resume is not None and new_run:
         raise ApplianceError("--resume and --new-run exclude each other")
-    if is_task_spec(recipe_file):
-        from ..taskspec import load_task_spec
-        from ..tasks import run_task_spec as runner
-
-        loaded = load_task_spec(recipe_file)
-    else:
-        runner = run_recipe
-        loaded = load_recipe(recipe_file)
+    if ray_actors is not None and ray is None:
+        raise ApplianceError("--ray-actors needs --ray ADDRESS")
     store = open_store(ctx)
     with GenerationProgress(show=None if quiet else text_row) as progress:
-        summary = runner(store, open_registry(store), loaded, resume=resume, new_run=new_run, n_parallel=n_parallel,
-                         mode=mode, chat_template=chat_template, events=progress)
+        summary = run_file(store, open_registry(store), recipe_file, ray=ray, ray_actors=ray_actors, resume=resume, new_run=new_run,
+                           n_parallel=n_parallel, mode=mode, chat_template=chat_template, events=progress)
     _print_summary(summary)
     if summary.kept == 0:
         raise ApplianceError(f"run {summary.run_id} {summary.why_nothing() or 'kept nothing'}")

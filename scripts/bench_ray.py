@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Overhead of running a recipe on Ray: `appliance run RECIPE --ray local` (one actor on this machine)
+against the same recipe in-process, measured side by side in one sitting.
+
+Each run is a fresh `appliance` process with its own new database (the same recipe, seed and item
+count, so the same requests). Reported per method: the wall time of the whole command, the generation
+rate the run prints ("this session: ... tok/s", model load excluded) and the ratio to in-process.
+Runs alternate (in-process, Ray, in-process, Ray, ...) so a slow moment hits both.
+
+    python scripts/bench_ray.py [--count 48] [--repeats 2] [--docs docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+APPLIANCE = str(Path(sys.executable).with_name("appliance"))
+
+
+def one_run(recipe: Path, folder: Path, tag: str, ray: bool) -> tuple[float, float, int]:
+    db = folder / f"{tag}.db"
+    args = [APPLIANCE, "--db", str(db), "run", str(recipe), "--quiet"] + (["--ray", "local"] if ray else [])
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr}")
+    found = re.search(r"this session: (\d+) outputs, (\d+) tokens, ([\d.]+) tok/s", proc.stderr)
+    if not found:
+        sys.exit(f"no rate in the output of {' '.join(args)}:\n{proc.stderr}")
+    return wall, float(found[3]), int(found[2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=48, help="items of the recipe (synthetic-reviews)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--docs", type=Path, help="append the table to this Markdown file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in ("recipes", "prompts"):
+            shutil.copytree(REPO / name, folder / name)
+        text = (REPO / "recipes/synthetic-reviews.toml").read_text()
+        text = re.sub(r"^count = .*$", f"count = {args.count}", text, count=1, flags=re.M)
+        recipe = folder / "recipes" / "bench-ray.toml"
+        recipe.write_text(text)
+        results: dict[str, list[tuple[float, float, int]]] = {"in-process": [], "ray local, 1 actor": []}
+        for i in range(args.repeats):
+            for name, ray in (("in-process", False), ("ray local, 1 actor", True)):
+                results[name].append(one_run(recipe, folder, f"{'ray' if ray else 'local'}{i}", ray))
+                print(f"# {name} #{i + 1}: wall {results[name][-1][0]:.1f} s, {results[name][-1][1]:.1f} tok/s", flush=True)
+    base_wall = statistics.median(r[0] for r in results["in-process"])
+    base_rate = statistics.median(r[1] for r in results["in-process"])
+    lines = [
+        f"| method | wall (median of {args.repeats}) | x in-process wall | generation tok/s | x in-process tok/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, rows in results.items():
+        wall, rate = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+        lines.append(f"| {name} | {wall:.1f} s | {wall / base_wall:.2f} | {rate:.1f} | {rate / base_rate:.2f} |")
+    ray_rows = results["ray local, 1 actor"]
+    overhead_wall = statistics.median(r[0] for r in ray_rows) / base_wall - 1
+    overhead_rate = 1 - statistics.median(r[1] for r in ray_rows) / base_rate
+    summary = (f"Ray overhead: {overhead_rate:+.1%} generation rate, {overhead_wall:+.1%} wall time of the whole "
+               f"command (Ray start-up and actor start included); {args.count} items, recipes/synthetic-reviews.toml.")
+    table = "\n".join(lines)
+    print(table)
+    print(summary)
+    if args.docs:
+        machine = f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+        with args.docs.open("a") as fh:
+            fh.write(f"\n`python scripts/bench_ray.py --count {args.count} --repeats {args.repeats}` ({time.strftime('%Y-%m-%d')}, {machine}):\n\n{table}\n\n{summary}\n")
+
+
+if __name__ == "__main__":
+    main()
