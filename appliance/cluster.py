@@ -41,7 +41,7 @@ from .planner import Plan
 from .worker import Limits, ModelWorker, Needs, Notice
 
 NAMESPACE = "appliance"
-TOKENS_EVERY_S = 0.25  # an actor reports decoded tokens at most this often (the progress bar's tok/s)
+NOTICES_EVERY_S = 0.25  # an actor sends what happened (rows, tokens) at most this often
 
 
 def _ray() -> Any:
@@ -162,18 +162,22 @@ class NodeActor:
         assert self.worker is not None
         return self.worker.prepare(needs)
 
-    def stream(self, requests: list[Request], params: SamplingParams) -> Iterator[Notice]:
+    def stream(self, requests: list[Request], params: SamplingParams) -> Iterator[list[Notice]]:
+        """The worker's notices in batches, one every NOTICES_EVERY_S at most (each yield is a Ray object:
+        one per completion would cost the driver and the actor CPU the model needs)."""
         assert self.worker is not None
+        batch: list[Notice] = []
         tokens, last = 0, time.monotonic()
         for kind, payload in self.worker.stream(requests, params):
             if kind == "tokens":
                 tokens += payload
-                if time.monotonic() - last < TOKENS_EVERY_S:
-                    continue
-                payload, tokens, last = tokens, 0, time.monotonic()
-            yield kind, payload
-        if tokens:
-            yield "tokens", tokens
+            else:
+                batch.append((kind, payload))
+            if time.monotonic() - last >= NOTICES_EVERY_S:
+                yield batch + ([("tokens", tokens)] if tokens else [])
+                batch, tokens, last = [], 0, time.monotonic()
+        if batch or tokens:
+            yield batch + ([("tokens", tokens)] if tokens else [])
 
 
 @dataclass
@@ -310,12 +314,12 @@ class RayWorkers:
                 start = time.perf_counter()
                 try:
                     for ref in actor.handle.stream.remote(shard, params):
-                        kind, payload = ray.get(ref)
-                        if kind == "done":
-                            done.add(payload.key)
-                            actor.rows += 1
-                            actor.tokens += payload.tokens_out
-                        stage.out.put((actor, kind, payload))
+                        for kind, payload in ray.get(ref):
+                            if kind == "done":
+                                done.add(payload.key)
+                                actor.rows += 1
+                                actor.tokens += payload.tokens_out
+                            stage.out.put((actor, kind, payload))
                 except ray.exceptions.RayTaskError as exc:
                     stage.out.put((actor, "error", _cause(exc)))
                     return
