@@ -90,6 +90,8 @@ class Cluster:
             # kept in the environment rather than written to ~/.ray/auth_token.
             os.environ["RAY_AUTH_MODE"] = "token"
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        if address == "local":  # Ray starts workers at nice 15: the model would yield its cores to anything else
+            os.environ.setdefault("RAY_worker_niceness", "0")
         self.ray = _ray()
 
     def __enter__(self) -> Cluster:
@@ -153,6 +155,7 @@ class NodeActor:
         if digest != self.sha256:
             raise ApplianceError(f"{where}: {self.path} has sha256 {digest[:12]}..., the registry's is {self.sha256[:12]}...: "
                                  f"copy the registered file there")
+        _unniced()
         gpu_ids = tuple(int(g) for g in ray.get_gpu_ids())
         limits = replace(self.limits, gpu_ids=gpu_ids) if gpu_ids else self.limits
         self.worker = ModelWorker(self.path, self.info, limits, where=where)
@@ -178,6 +181,17 @@ class NodeActor:
                 batch, tokens, last = [], 0, time.monotonic()
         if batch or tokens:
             yield batch + ([("tokens", tokens)] if tokens else [])
+
+
+def _unniced() -> None:
+    """This actor's thread (and the llama.cpp threads it starts later) at normal priority: a cluster's
+    raylet starts workers at nice 15 unless RAY_worker_niceness says otherwise; raising priority
+    needs CAP_SYS_NICE, so where it is refused the actor runs as started."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
