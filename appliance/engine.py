@@ -7,7 +7,9 @@ Bulk data generation is many short outputs behind one long shared prompt prefix,
      (`llama_memory_seq_cp`), then its own suffix and its sampled tokens go into the same
      `llama_decode` batch as every other running sequence's next token (continuous batching: a
      finished sequence's slot is refilled at once); requests with identical prompts (k samples of
-     one input) decode that prompt once and copy its cells,
+     one input) decode that prompt once and copy its cells, and a prompt that begins like one a
+     sequence holds (the same task's instructions before a different input) copies those cells and
+     decodes only the rest (prompts run in token order, so prompts that begin alike run together),
   4. samples each sequence with its own sampler chain and seed; a grammar (appliance.grammar) checks
      only the sampled token, masks the logits only when it rejects it, and appends the tokens it
      forces without sampling them (they are decoded with everyone else's next tokens).
@@ -52,12 +54,15 @@ class _Slot:
     sampler: Any = None
     fast: bool = False  # drawn by Engine._draw from numpy candidates, accepted once (else llama_sampler_sample)
     constraint: Constraint | None = None
-    group: int | None = None  # requests with identical prompt tokens share a group
-    waiting: bool = False  # for a same-group sequence to decode the prompt, to copy its cells
+    waiting: bool = False  # for `donor` to decode the first `share` tokens of this prompt, to copy its cells
+    donor: Any = None  # the running sequence (a _Slot) this one waits for, while it runs `donor_request`
+    donor_request: Any = None
+    share: int = 0
     started: float = 0.0
     finish: str | None = None  # "eos" when the model or the grammar ends the sequence
 
 
+REUSE_MIN = 8  # prompt tokens worth copying from another sequence's cells instead of decoding them
 _FORCED_MAX = 64  # forced tokens appended per step at most (they must fit one batch with everyone else's)
 
 
@@ -122,6 +127,11 @@ class Engine:
         self._cand_arr = llama_cpp.llama_token_data_array()
         self._token_data_p = ctypes.POINTER(llama_cpp.llama_token_data)
         self._constrainer = Constrainer(self.vocab)
+        # A sequence's cells [0, n) can be copied to another while no sliding-window layer has dropped any of
+        # them: always with full SWA cells or without SWA layers, else while the donor is short of the window.
+        n_swa = llama_cpp.llama_model_n_swa(self.model)
+        self._reuse_cells = True  # generate(share_prompts=False) turns every kind of prompt sharing off
+        self._reuse_limit = n_swa if n_swa > 0 and not getattr(plan, "swa_full", False) else 1 << 62
         self.stats.model_loads = 1
         self.stats.load_seconds = time.perf_counter() - start
 
@@ -299,25 +309,20 @@ class Engine:
         n_par = max(1, min(n_parallel or self.holder, self.holder, len(requests)))
         while n_par > 1 and prefix + n_par * (longest - prefix + max_new) > self.n_ctx:
             n_par -= 1
-        groups: list[int | None] = [None] * len(requests)
-        if share_prompts:
-            first: dict[tuple[int, ...], int] = {}
-            for i, t in enumerate(toks):
-                if len(t) - prefix > 1:  # something to share beyond the common prefix
-                    groups[i] = first.setdefault(tuple(t), i)
+        self._reuse_cells = share_prompts
         ll = self._ll
         ll.llama_memory_clear(self.mem, True)
         self._decode_prefix(toks[0][:prefix])
         self.last.shared_prefix_tokens = prefix
 
-        queue = deque(range(len(requests)))
+        queue = deque(sorted(range(len(requests)), key=lambda i: toks[i]))  # prompts that begin alike run one after another, to share cells
         slots = [_Slot(seq=i) for i in range(n_par)]
         try:
             while queue or any(s.request for s in slots):
                 for slot in slots:
                     if slot.request is None and queue:
                         i = queue.popleft()
-                        self._start(slot, slots, i, requests[i], toks[i], prefix, params[i], grammars[i], groups[i])
+                        self._start(slot, slots, i, requests[i], toks[i], prefix, params[i], grammars[i])
                 produced = self._step(slots, queue, prefix)
                 if on_step:
                     on_step(produced)
@@ -356,14 +361,21 @@ class Engine:
             self.last.prompt_tokens += len(chunk)
 
     def _start(self, slot: _Slot, slots: list[_Slot], index: int, request: Request, tokens: list[int], prefix: int,
-               params: SamplingParams, grammar: Grammar | None, group: int | None) -> None:
+               params: SamplingParams, grammar: Grammar | None) -> None:
         ll = self._ll
-        ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-        if prefix:
-            ll.llama_memory_seq_cp(self.mem, self.holder, slot.seq, -1, -1)
+        start, donor = self._reusable(slot, slots, tokens, prefix)
+        if donor is slot:  # its previous prompt began the same way: keep those cells
+            ll.llama_memory_seq_rm(self.mem, slot.seq, start, -1)
+        else:
+            ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            if donor is not None:
+                ll.llama_memory_seq_cp(self.mem, donor.seq, slot.seq, 0, start)
+            elif prefix:
+                ll.llama_memory_seq_cp(self.mem, self.holder, slot.seq, -1, -1)
+        self.last.shared_prompt_tokens += start - prefix
         slot.request, slot.index, slot.params, slot.tokens = request, index, params, tokens
-        slot.pending = tokens[prefix:]
-        slot.pos, slot.n_out, slot.out, slot.feed = prefix, 0, bytearray(), []
+        slot.pending = tokens[start:]
+        slot.pos, slot.n_out, slot.out, slot.feed = start, 0, bytearray(), []
         gbnf = grammar.text if grammar and grammar.kind == "gbnf" else None
         slot.sampler = self._make_sampler(params, request.seed, gbnf)
         slot.fast = self.fast_sampling and gbnf is None
@@ -377,36 +389,74 @@ class Engine:
             self.last.completion_tokens += len(forced)
             if slot.finish:
                 slot.pending = []
-        slot.group = group
-        slot.waiting = group is not None and any(s is not slot and s.request is not None and s.group == group for s in slots)
+        slot.waiting = False
+        if not slot.finish:
+            self._wait_for_donor(slot, slots, start)
         slot.started = time.perf_counter()
+
+    def _reusable(self, slot: _Slot, slots: list[_Slot], tokens: list[int], prefix: int) -> tuple[int, _Slot | None]:
+        """The longest start of `tokens` beyond the shared prefix whose cells a sequence holds (a running one,
+        or one that finished and keeps its cells until its slot is reused, this slot included), and that
+        sequence; (prefix, None) when none shares at least REUSE_MIN more tokens. Prompts that share a
+        task's instructions but not every prompt's prefix (two tasks, several prompt forms) decode them once."""
+        if not self._reuse_cells:
+            return prefix, None
+        best, donor = prefix, None
+        last = len(tokens) - 1  # the last prompt token is always decoded: its logits give the first output
+        for s in slots:
+            if not s.tokens or s.waiting or (s.request is None and s is not slot and s.pos == 0):
+                continue
+            held = min(s.pos, len(s.tokens), last)  # cells [0, held) hold s's prompt tokens
+            if held <= best or s.pos >= self._reuse_limit:
+                continue
+            n = _shared_start(s.tokens, tokens, held)
+            if n > best and _worth(n, prefix, last):
+                best, donor = n, s
+        return best, donor
 
     def _release(self, slot: _Slot) -> None:
         if slot.sampler is not None:
             self._ll.llama_sampler_free(slot.sampler)
         slot.sampler, slot.request, slot.constraint, slot.finish = None, None, None, None
-        slot.feed, slot.pending, slot.group, slot.waiting = [], [], None, False
+        slot.feed, slot.pending, slot.waiting, slot.donor, slot.donor_request = [], [], False, None, None
+
+    def _wait_for_donor(self, slot: _Slot, slots: list[_Slot], start: int) -> None:
+        """When a running sequence is about to decode more of this prompt's first tokens than any sequence
+        holds (the same prompt: k samples of one input; the same instructions: the first wave of a task),
+        wait for it instead of decoding them a second time in the same batch."""
+        if not self._reuse_cells:
+            return
+        last = len(slot.tokens) - 1
+        best, donor = start, None
+        for s in slots:
+            if s is slot or s.request is None or s.waiting or s.finish is not None:
+                continue
+            ahead = min(len(s.tokens), last)  # the prompt cells s will hold once its prompt is decoded
+            if ahead <= best or s.pos >= ahead:  # (a donor that already holds them was taken by _reusable)
+                continue
+            n = _shared_start(s.tokens, slot.tokens, ahead)
+            if n > best and _worth(n, start, last):
+                best, donor = n, s
+        if donor is not None:
+            slot.waiting, slot.donor, slot.donor_request, slot.share = True, donor, donor.request, best
 
     def _share(self, slots: list[_Slot]) -> None:
-        """Sequences waiting for an identical prompt: copy its cells [0, len-1) once it is decoded, and
-        decode only the last prompt token themselves (each needs its own logits for it); with no
-        same-group sequence decoding the prompt (it ended, or was handed back), decode it yourself."""
+        """Sequences waiting for a donor: copy its cells [0, share) once it has decoded them, and decode only
+        the rest of the prompt themselves; when the donor stopped first (it ended, was handed back, or its
+        grammar forced it to the end before decoding anything), decode the prompt yourself."""
         for slot in slots:
             if slot.request is None or not slot.waiting:
                 continue
-            same = [s for s in slots if s is not slot and s.request is not None and s.group == slot.group
-                    and not s.waiting and s.finish is None]  # (one whose grammar forced it to the end decodes nothing)
-            donor = next((s for s in same if s.pos >= len(s.tokens)), None)  # its prompt's cells are all decoded
-            if donor is not None:
-                n = len(slot.tokens) - 1
+            donor, n = slot.donor, slot.share
+            if donor.request is not slot.donor_request or donor.waiting or (donor.finish is not None and donor.pos < n):
+                slot.waiting, slot.donor, slot.donor_request = False, None, None
+            elif donor.pos >= n:
                 self._ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 self._ll.llama_memory_seq_cp(self.mem, donor.seq, slot.seq, 0, n)
                 self.last.shared_prompt_tokens += n - slot.pos
                 slot.pending = slot.pending[n - slot.pos :]  # nothing of it was decoded while waiting
                 slot.prompt_left = len(slot.tokens) - n
-                slot.pos, slot.waiting = n, False
-            elif not same:
-                slot.waiting = False
+                slot.pos, slot.waiting, slot.donor, slot.donor_request = n, False, None, None
 
     def _step(self, slots: list[_Slot], queue: deque[int], prefix: int) -> int:
         """Put every running sequence's next tokens and as much pending prompt as fits in one batch; decode;
@@ -572,3 +622,18 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _worth(n: int, start: int, last: int) -> bool:
+    """Copy cells up to `n` rather than decode from `start`: REUSE_MIN tokens or more, or all of an identical
+    prompt but its last token (k samples of one input)."""
+    return n - start >= REUSE_MIN or (n == last and n > start)
+
+
+def _shared_start(a: list[int], b: list[int], limit: int) -> int:
+    """How many first tokens `a` and `b` share, at most `limit`."""
+    import numpy as np
+
+    n = min(limit, len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n

@@ -92,7 +92,7 @@ def _top_candidates(row: Any, k: int) -> Any:
     import numpy as np
 
     top = row.max()
-    for margin in (8.0, 16.0):
+    for margin in (8.0, 16.0, 32.0):
         cand = np.flatnonzero(row >= top - margin)
         if len(cand) >= k:
             return cand

@@ -234,7 +234,7 @@ def _engine_rate(model: str, prompts: list[str], n_parallel: int | None, max_tok
         seconds = time.perf_counter() - start
         stats = engine.stats
     return {"tokens": sum(o.tokens_out for o in outs), "seconds": seconds, "peak_rss": peak_rss(), "n_parallel": plan.n_parallel,
-            "outputs": [o.text for o in outs], "forced_tokens": getattr(stats, "forced_tokens", None), "shared_prefix": prefix}
+            "outputs": [o.text for o in outs], "finish": [o.finish_reason for o in outs], "forced_tokens": getattr(stats, "forced_tokens", None), "shared_prefix": prefix}
 
 
 def worker_grammar(model: str, n: str) -> dict:
@@ -250,15 +250,15 @@ def worker_grammar(model: str, n: str) -> dict:
     free = _engine_rate(model, prompts, constrained["n_parallel"], 96, temperature=0.7)
     import jsonschema
 
-    valid = 0
-    for text in constrained.pop("outputs"):
+    valid = cut = 0
+    for text, finish in zip(constrained.pop("outputs"), constrained.pop("finish")):
         try:
             jsonschema.validate(json.loads(text), schema)
             valid += 1
         except (ValueError, jsonschema.ValidationError):
-            pass
-    free.pop("outputs")
-    return {"constrained": constrained, "free": free, "valid": valid, "n": len(prompts)}
+            cut += finish == "length"  # stopped by max_tokens mid-value: the limit's doing, not the grammar's
+    free.pop("outputs"), free.pop("finish")
+    return {"constrained": constrained, "free": free, "valid": valid, "cut": cut, "n": len(prompts)}
 
 
 def worker_tasks(model: str) -> dict:
@@ -293,7 +293,7 @@ def worker_chat(model: str, n: str) -> dict:
     n_parallel = None if n == "auto" else int(n)
     chat = _engine_rate(model, chats, n_parallel, MAX_TOKENS, temperature=0.2, chat=True)
     completion = _engine_rate(model, plain, chat["n_parallel"], MAX_TOKENS, temperature=0.2)
-    chat.pop("outputs"), completion.pop("outputs")
+    chat.pop("outputs"), completion.pop("outputs"), chat.pop("finish"), completion.pop("finish")
     return {"chat": chat, "completion": completion}
 
 
@@ -398,9 +398,11 @@ def main() -> None:
         rows.append((f"ticket-triage free, N={gf['n_parallel']}", gf["tokens"] / gf["seconds"], gf["peak_rss"], "-"))
         figures.update({"grammar.n": gc["n_parallel"], "grammar.tok_s": round(gc["tokens"] / gc["seconds"], 1),
                         "grammar.free_tok_s": round(gf["tokens"] / gf["seconds"], 1), "grammar.valid": g["valid"],
-                        "grammar.outputs": g["n"], "grammar.forced_tokens": gc.get("forced_tokens")})
+                        "grammar.outputs": g["n"], "grammar.cut_by_max_tokens": g["cut"],
+                        "grammar.forced_tokens": gc.get("forced_tokens")})
+        cut = f" ({g['cut']} of the others stopped by max_tokens mid-value)" if g["cut"] else ""
         ratio_lines.append(f"- constrained / free at the same N: {figures['grammar.tok_s'] / figures['grammar.free_tok_s']:.0%} "
-                           f"(target >= 90%); outputs valid under the schema: {g['valid']}/{g['n']}")
+                           f"(target >= 90%); outputs valid under the schema: {g['valid']}/{g['n']}{cut}")
     if "tasks" not in skip:
         t = run_worker(["tasks", model])
         rate = t["tokens"] / t["wall_s"]

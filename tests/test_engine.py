@@ -302,6 +302,30 @@ def test_identical_prompts_decode_their_prompt_once(engines):
     assert all(WORDS[i // 3] in shared[i] for i in range(9))
 
 
+def test_prompts_that_begin_alike_copy_those_cells(engines):
+    """Two tasks' prompts interleaved (nothing shared by all of them past a few tokens): each prompt copies
+    its task's instructions from a sequence that holds them, running or finished (its own slot's included),
+    and decodes only its input; the outputs are the ones decoding every prompt whole gives."""
+    upper = ("Each line writes its word in capital letters.\nWord: stone -> STONE\nWord: cloud -> CLOUD\n"
+             "Word: maple -> MAPLE\nWord: {w} ->")
+    prompts = [(FEWSHOT if i % 2 else upper).format(w=w) for i, w in enumerate(WORDS + WORDS)]
+    params = SamplingParams(temperature=0, max_tokens=8, stop=["\n"])
+    for n_parallel in (1, 4):
+        engine = engines(n_parallel)
+        shared = run(engine, prompts, params)
+        saved, decoded = engine.last.shared_prompt_tokens, engine.last.prompt_tokens
+        reqs = [Request(key=i, prompt=p, seed=1000 + i) for i, p in enumerate(prompts)]
+        whole = {c.key: c for c in engine.generate(reqs, params, share_prompts=False)}
+        assert engine.last.shared_prompt_tokens == 0
+        instructions = min(len(engine.tokenize(FEWSHOT.format(w=""))), len(engine.tokenize(upper.format(w="")))) - 2
+        # All but each task's first prompt (the first wave waits for it rather than decode the same tokens).
+        assert saved >= (len(prompts) - 2) * instructions, (n_parallel, saved)
+        assert decoded == engine.last.prompt_tokens - saved
+        assert {k: c.text for k, c in shared.items()} == {k: c.text for k, c in whole.items()}
+        for i, w in enumerate(WORDS + WORDS):
+            assert (w in shared[i].text) if i % 2 else (w.upper() in shared[i].text), (i, shared[i].text)
+
+
 def test_generate_many_times_on_one_engine(engines):
     engine = engines(4)
     before = engine.stats.completion_tokens
