@@ -98,10 +98,18 @@ class Vocab:
 def count_prompt_tokens(model_path: str | Path, prompts: Sequence[str]) -> tuple[int, int]:
     """(shared prefix tokens, longest per-prompt remainder) for these prompts: what the planner needs
     to size the context."""
+    return prompt_shapes(model_path, [prompts])[0]
+
+
+def prompt_shapes(model_path: str | Path, prompt_lists: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """count_prompt_tokens for each list of prompts, with one vocabulary load (~0.3 s for 262k tokens)."""
+    out = []
     with Vocab(model_path) as vocab:
-        toks = [vocab.tokenize(text) for text in prompts]
-    prefix = _common_prefix(toks)
-    return prefix, max(len(t) for t in toks) - prefix
+        for prompts in prompt_lists:
+            toks = [vocab.tokenize(text) for text in prompts]
+            prefix = _common_prefix(toks)
+            out.append((prefix, max(len(t) for t in toks) - prefix))
+    return out
 
 
 def _tokenize(vocab: Any, text: str, add_special: bool = True) -> list[int]:

@@ -22,7 +22,7 @@ from .engine import Engine
 from .generation import Request, SamplingParams
 from .gguf_reader import GGUFInfo
 from .hardware import HardwareInfo, detect_hardware
-from .llama import count_prompt_tokens
+from .llama import count_prompt_tokens, prompt_shapes
 from .planner import Plan, make_plan
 
 Notice = tuple[str, Any]
@@ -71,10 +71,11 @@ class Loaded:
 def needs_for(model_path: str, workloads: Sequence[tuple[Sequence[str], SamplingParams]]) -> Needs:
     """The needs of every workload (prompts, their sampling settings) together."""
     needs = Needs()
-    for prompts, params in workloads:
-        if prompts:
-            prefix, rest = count_prompt_tokens(model_path, list(prompts))
-            needs = needs.merge(Needs(prefix, rest + params.max_tokens, len(prompts)))
+    work = [(list(prompts), params) for prompts, params in workloads if prompts]
+    if not work:
+        return needs
+    for (prefix, rest), (prompts, params) in zip(prompt_shapes(model_path, [p for p, _ in work]), work):
+        needs = needs.merge(Needs(prefix, rest + params.max_tokens, len(prompts)))
     return needs
 
 
