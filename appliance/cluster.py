@@ -83,6 +83,7 @@ class Cluster:
         if actors is not None and actors < 1:
             raise ApplianceError(f"--ray-actors must be at least 1, got {actors}")
         self.address, self.actors = address, actors
+        self.client = address.startswith("ray://")  # Ray Client: no streaming from actors
         self.hosts = cluster_hosts(address)
         if address == "local" and "RAY_AUTH_MODE" not in os.environ:
             # Ray binds this machine's address (it refuses loopback), so only holders of this command's own
@@ -181,6 +182,10 @@ class NodeActor:
                 batch, tokens, last = [], 0, time.monotonic()
         if batch or tokens:
             yield batch + ([("tokens", tokens)] if tokens else [])
+
+    def collect(self, requests: list[Request], params: SamplingParams) -> list[Notice]:
+        """The whole shard's notices at once: Ray Client (ray://) cannot stream from an actor."""
+        return [notice for batch in self.stream(requests, params) for notice in batch]
 
 
 def _unniced() -> None:
@@ -327,13 +332,12 @@ class RayWorkers:
                 done: set[Any] = set()
                 start = time.perf_counter()
                 try:
-                    for ref in actor.handle.stream.remote(shard, params):
-                        for kind, payload in ray.get(ref):
-                            if kind == "done":
-                                done.add(payload.key)
-                                actor.rows += 1
-                                actor.tokens += payload.tokens_out
-                            stage.out.put((actor, kind, payload))
+                    for kind, payload in self._notices(actor, shard, params):
+                        if kind == "done":
+                            done.add(payload.key)
+                            actor.rows += 1
+                            actor.tokens += payload.tokens_out
+                        stage.out.put((actor, kind, payload))
                 except ray.exceptions.RayTaskError as exc:
                     stage.out.put((actor, "error", _cause(exc)))
                     return
@@ -351,8 +355,19 @@ class RayWorkers:
                 with stage.cond:
                     stage.busy -= 1
                     stage.cond.notify_all()
+        except Exception as exc:  # a bug here must fail the run, not end a stage with rows missing
+            stage.out.put((actor, "error", ApplianceError(f"internal error serving Ray {actor.where}: {_first_line(exc)}")))
         finally:
             stage.out.put((actor, "end", None))
+
+    def _notices(self, actor: _Actor, shard: list[Request], params: SamplingParams) -> Iterator[Notice]:
+        """An actor's notices for one shard, as they come (streamed), or all at the end through Ray Client."""
+        ray = self.cluster.ray
+        if self.cluster.client:
+            yield from ray.get(actor.handle.collect.remote(shard, params))
+            return
+        for ref in actor.handle.stream.remote(shard, params):
+            yield from ray.get(ref)
 
     def close(self) -> None:
         for actor in self.actors:

@@ -30,6 +30,7 @@ AUTH = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKE
 os.environ.update(AUTH)
 ENV = dict(os.environ)
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (scripts/install.sh installs it)")
+CLIENT_PORT = 0  # the cluster's Ray Client server (ray://), set by the fixture
 
 
 def _free_port() -> int:
@@ -41,10 +42,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """A one-node Ray cluster with 2 CPUs: what `ray start --head` makes on a lab machine."""
-    port = _free_port()
+    global CLIENT_PORT
+    port, CLIENT_PORT = _free_port(), _free_port()
     try:
         subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2",
-                        "--include-dashboard=false", "--disable-usage-stats"], check=True, env=ENV, capture_output=True, timeout=120)
+                        "--ray-client-server-port", str(CLIENT_PORT), "--include-dashboard=false", "--disable-usage-stats"],
+                       check=True, env=ENV, capture_output=True, timeout=120)
         address = f"{ray.util.get_node_ip_address()}:{port}"
         ray.init(address=address, namespace="appliance", logging_level="ERROR", log_to_driver=False)
         yield address
@@ -244,3 +247,16 @@ def test_ray_local_starts_and_stops_its_own_cluster(tmp_path, demo_model):
     assert code == 0, err
     run_id = int(re.search(r"^run (\d+) \(new\)", err, re.M)[1])
     assert sorted(_firsts(db, run_id)) == list(range(4))
+
+
+@pytest.mark.slow
+def test_ray_client_address(cluster, tmp_path, demo_model):
+    """ray://HOST:PORT joins through Ray Client, which cannot stream from actors: shards come back whole."""
+    spec = _synthetic(tmp_path, 6, "ray-client")
+    db = tmp_path / "a.db"
+    code, err = _appliance(db, "run", str(spec), "--quiet", "--ray", f"ray://127.0.0.1:{CLIENT_PORT}", "--ray-actors", "2")
+    assert code == 0, err
+    run_id = int(re.search(r"^run (\d+) \(new\)", err, re.M)[1])
+    assert sorted(_firsts(db, run_id)) == list(range(6))
+    _no_duplicates(db, run_id)
+    assert len([e for e in _events(db, run_id) if " loaded on actor " in e]) == 2
