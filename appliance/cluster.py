@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from . import offline
-from .errors import ApplianceError
+from .errors import ApplianceError, first_line
 from .generation import Request, SamplingParams
 from .models import ModelRecord, sha256_file
 from .planner import Plan
@@ -107,7 +107,7 @@ class Cluster:
                 options.pop("include_dashboard")
                 ray.init(address=self.address, **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ApplianceError(f"cannot connect to the Ray cluster at {self.address}: {_first_line(exc)}") from None
+            raise ApplianceError(f"cannot connect to the Ray cluster at {self.address}: {first_line(exc)}") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -260,7 +260,7 @@ class RayWorkers:
         except ray.exceptions.RayTaskError as exc:
             raise _cause(exc) from None
         except ray.exceptions.RayError as exc:
-            raise ApplianceError(f"a Ray actor failed while {doing}: {_first_line(exc)}") from None
+            raise ApplianceError(f"a Ray actor failed while {doing}: {first_line(exc)}") from None
 
     def prepare(self, needs: Needs) -> Plan:
         """Every actor plans against its own node; the first plan describes the run (all are in its events)."""
@@ -348,7 +348,7 @@ class RayWorkers:
                         stage.work.appendleft(rest)
                         stage.busy -= 1
                         stage.cond.notify_all()
-                    stage.out.put((actor, "lost", (_first_line(exc), len(rest))))
+                    stage.out.put((actor, "lost", (first_line(exc), len(rest))))
                     return
                 finally:
                     actor.seconds += time.perf_counter() - start
@@ -356,7 +356,7 @@ class RayWorkers:
                     stage.busy -= 1
                     stage.cond.notify_all()
         except Exception as exc:  # a bug here must fail the run, not end a stage with rows missing
-            stage.out.put((actor, "error", ApplianceError(f"internal error serving Ray {actor.where}: {_first_line(exc)}")))
+            stage.out.put((actor, "error", ApplianceError(f"internal error serving Ray {actor.where}: {first_line(exc)}")))
         finally:
             stage.out.put((actor, "end", None))
 
@@ -383,9 +383,4 @@ def _cause(exc: Any) -> ApplianceError:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, ApplianceError):
         return cause
-    return ApplianceError(f"a Ray actor failed: {_first_line(cause or exc)}")
-
-
-def _first_line(exc: Any) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return ApplianceError(f"a Ray actor failed: {first_line(cause or exc)}")

@@ -45,6 +45,7 @@ class _Slot:
     index: int = -1  # the request's index in generate()'s list
     params: SamplingParams | None = None
     tokens: list[int] = field(default_factory=list)  # prompt
+    ids: Any = None  # the prompt as a numpy array, to compare other prompts' first tokens with
     pending: list[int] = field(default_factory=list)  # prompt tokens still to decode (then tokens forced before sampling)
     prompt_left: int = 0  # how many of `pending` are the prompt's
     feed: list[int] = field(default_factory=list)  # sampled (and forced) tokens to decode next; logits for the last
@@ -362,8 +363,11 @@ class Engine:
 
     def _start(self, slot: _Slot, slots: list[_Slot], index: int, request: Request, tokens: list[int], prefix: int,
                params: SamplingParams, grammar: Grammar | None) -> None:
+        import numpy as np
+
         ll = self._ll
-        start, donor = self._reusable(slot, slots, tokens, prefix)
+        ids = np.asarray(tokens, dtype=np.int64)
+        start, donor = self._reusable(slot, slots, ids, prefix)
         if donor is slot:  # its previous prompt began the same way: keep those cells
             ll.llama_memory_seq_rm(self.mem, slot.seq, start, -1)
         else:
@@ -373,7 +377,7 @@ class Engine:
             elif prefix:
                 ll.llama_memory_seq_cp(self.mem, self.holder, slot.seq, -1, -1)
         self.last.shared_prompt_tokens += start - prefix
-        slot.request, slot.index, slot.params, slot.tokens = request, index, params, tokens
+        slot.request, slot.index, slot.params, slot.tokens, slot.ids = request, index, params, tokens, ids
         slot.pending = tokens[start:]
         slot.pos, slot.n_out, slot.out, slot.feed = start, 0, bytearray(), []
         gbnf = grammar.text if grammar and grammar.kind == "gbnf" else None
@@ -394,7 +398,7 @@ class Engine:
             self._wait_for_donor(slot, slots, start)
         slot.started = time.perf_counter()
 
-    def _reusable(self, slot: _Slot, slots: list[_Slot], tokens: list[int], prefix: int) -> tuple[int, _Slot | None]:
+    def _reusable(self, slot: _Slot, slots: list[_Slot], ids: Any, prefix: int) -> tuple[int, _Slot | None]:
         """The longest start of `tokens` beyond the shared prefix whose cells a sequence holds (a running one,
         or one that finished and keeps its cells until its slot is reused, this slot included), and that
         sequence; (prefix, None) when none shares at least REUSE_MIN more tokens. Prompts that share a
@@ -402,14 +406,14 @@ class Engine:
         if not self._reuse_cells:
             return prefix, None
         best, donor = prefix, None
-        last = len(tokens) - 1  # the last prompt token is always decoded: its logits give the first output
+        last = len(ids) - 1  # the last prompt token is always decoded: its logits give the first output
         for s in slots:
-            if not s.tokens or s.waiting or (s.request is None and s is not slot and s.pos == 0):
+            if s.ids is None or s.waiting or (s.request is None and s is not slot and s.pos == 0):
                 continue
-            held = min(s.pos, len(s.tokens), last)  # cells [0, held) hold s's prompt tokens
+            held = min(s.pos, len(s.ids), last)  # cells [0, held) hold s's prompt tokens
             if held <= best or s.pos >= self._reuse_limit:
                 continue
-            n = _shared_start(s.tokens, tokens, held)
+            n = _shared_start(s.ids, ids, held)
             if n > best and _worth(n, prefix, last):
                 best, donor = n, s
         return best, donor
@@ -434,7 +438,7 @@ class Engine:
             ahead = min(len(s.tokens), last)  # the prompt cells s will hold once its prompt is decoded
             if ahead <= best or s.pos >= ahead:  # (a donor that already holds them was taken by _reusable)
                 continue
-            n = _shared_start(s.tokens, slot.tokens, ahead)
+            n = _shared_start(s.ids, slot.ids, ahead)
             if n > best and _worth(n, start, last):
                 best, donor = n, s
         if donor is not None:
@@ -630,10 +634,10 @@ def _worth(n: int, start: int, last: int) -> bool:
     return n - start >= REUSE_MIN or (n == last and n > start)
 
 
-def _shared_start(a: list[int], b: list[int], limit: int) -> int:
-    """How many first tokens `a` and `b` share, at most `limit`."""
+def _shared_start(a: Any, b: Any, limit: int) -> int:
+    """How many first tokens the token arrays `a` and `b` share, at most `limit`."""
     import numpy as np
 
     n = min(limit, len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    diff = np.flatnonzero(a[:n] != b[:n])
     return int(diff[0]) if len(diff) else n

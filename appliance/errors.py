@@ -1,5 +1,16 @@
 """The one exception type the CLI turns into a one-line message and a non-zero exit."""
 
+from typing import Any
+
+
+def first_line(message: Any) -> str:
+    """A library's multi-line message (source echo, caret, traceback) as one line: its first line, and its
+    last where the first only introduces it ("regex parse error:")."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
 
 class ApplianceError(Exception):
     """A problem the user can fix; its message is one line, shown as `Error: <message>`."""

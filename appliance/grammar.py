@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import ApplianceError
+from .errors import ApplianceError, first_line
 
 Separators = tuple[str, str]
 COMPACT: Separators = (", ", ": ")  # json.dumps's default: one-line JSON, as the prompts show it
@@ -67,7 +67,7 @@ class Grammar:
             else:
                 text = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
         except (ValueError, TypeError) as exc:  # not JSON (a TOML date?), or not an object
-            raise GrammarError(f"invalid JSON schema: {_first_line(exc)}") from None
+            raise GrammarError(f"invalid JSON schema: {first_line(exc)}") from None
         return cls._checked(text, "JSON schema")
 
     @classmethod
@@ -113,7 +113,7 @@ class Grammar:
 
         problem = llguidance.LLMatcher.validate_grammar(text)
         if problem:
-            raise GrammarError(f"invalid {what}: {_first_line(problem)}")
+            raise GrammarError(f"invalid {what}: {first_line(problem)}")
         return cls("llguidance", text)
 
 
@@ -176,7 +176,7 @@ class Constraint:
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise GrammarError(f"the output grammar rejected token {token}: {_first_line(self.matcher.get_error())}")
+            raise GrammarError(f"the output grammar rejected token {token}: {first_line(self.matcher.get_error())}")
 
     def forced(self) -> list[int]:
         """Tokens the grammar allows as the only continuation (jump-forward), not yet consumed."""
@@ -195,7 +195,7 @@ class Constraint:
         mask = self._mask
         self.matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
         if self.matcher.is_error():
-            raise GrammarError(f"the output grammar failed: {_first_line(self.matcher.get_error())}")
+            raise GrammarError(f"the output grammar failed: {first_line(self.matcher.get_error())}")
         allowed = np.unpackbits(mask.view(np.uint8), bitorder="little", count=self.n_vocab).view(bool)
         np.putmask(logits, ~allowed, -np.inf)
         return int(np.count_nonzero(allowed))
@@ -224,7 +224,7 @@ class Constrainer:
 
             template = llguidance.LLMatcher(self.tokenizer, grammar.text, log_level=0)
             if template.is_error():
-                raise GrammarError(f"invalid output grammar: {_first_line(template.get_error())}")
+                raise GrammarError(f"invalid output grammar: {first_line(template.get_error())}")
             self._templates[grammar.text] = template
         return Constraint(template.deep_copy(), self.n_vocab, self._mask)
 
@@ -269,15 +269,6 @@ def _lltokenizer(vocab: Any) -> tuple[Any, int]:
 def _lark_literal(text: str) -> str:
     """A Lark string literal (JSON's escapes are a subset Lark reads)."""
     return json.dumps(text, ensure_ascii=False)
-
-
-def _first_line(message: Any) -> str:
-    """llguidance's messages span lines (source echo, caret); its first line, and its last where the
-    first only introduces it ("regex parse error:")."""
-    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
-    if not lines:
-        return "unknown error"
-    return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")

@@ -13,14 +13,9 @@ from . import open_registry, open_store
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return str(n)
+    from ..estimate import format_bytes  # (imports gguf and numpy: not at the CLI's start)
+
+    return "-" if n is None else format_bytes(n)
 
 
 def _count(n: int | None) -> str:
