@@ -187,7 +187,8 @@ def render_input_prompt(
 
     Classify needs `label`, the label to write an input for; `hard_negative` names a label it is easily
     confused with. The few-shot shows one example of each other label, then all the hard negative's
-    examples, then the label's own, closest to the new input; `seed` picks and orders them. The axes'
+    examples, then the label's own, closest to the new input; `seed` picks and orders them (a task run
+    draws it from a few per round, `tasks.SHOT_ORDERS`, so prompts share their few-shot block in the KV cache). The axes'
     values (without their names) and the edge case follow the label line, or stand on a "- " line for
     tasks without labels. On the demo model, naming the hard negative or writing "Tone: casual" lines made
     the teacher copy them into the input, so the built-in prompt does neither. `prompt` (from

@@ -493,6 +493,30 @@ def test_input_prompts_exact_and_seeded():
         render_input_prompt(intent, label="dim")
 
 
+def test_a_round_of_input_prompts_shares_few_shot_blocks():
+    """A task run draws each input prompt's few-shot picks and order from SHOT_ORDERS per round, so the
+    prompts of one label share their few-shot block (decoded once into the KV cache), and rounds differ."""
+    from appliance.prompting import PromptStyle
+    from appliance.tasks import SHOT_ORDERS, _input_items
+
+    loaded = load_task_spec(REPO / "tasks" / "smart-home.toml")
+    style = PromptStyle(mode="completion", template=None, model_name="m")
+    deficits = {("intent", "lights_on"): 20, ("slots", None): 20}
+
+    def blocks(round_no: int) -> dict[tuple, set[str]]:
+        found: dict[tuple, set[str]] = {}
+        for item in _input_items(loaded, round_no, deficits, style):
+            v = item.variables
+            shots = item.prompt.split("\n\n")[1:-1]  # between the description and the new input's lines
+            found.setdefault((v["task"], v["label"], v.get("hard_negative")), set()).add("\n\n".join(shots))
+        return found
+
+    first = blocks(0)
+    assert all(1 <= len(b) <= SHOT_ORDERS for b in first.values())
+    assert len(first[("slots", None, None)]) > 1  # still more than one order
+    assert blocks(1)[("slots", None, None)] != first[("slots", None, None)]  # each round draws its own
+
+
 def test_input_prompt_variables_match_what_render_gives():
     spec = parse_task_spec(base(), "t.toml")
     names = " ".join(f"{{{{ {v} }}}}" for v in sorted(INPUT_PROMPT_VARIABLES | {"tone", "noise"}))
