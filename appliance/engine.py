@@ -446,21 +446,33 @@ class Engine:
 
     def _share(self, slots: list[_Slot]) -> None:
         """Sequences waiting for a donor: copy its cells [0, share) once it has decoded them, and decode only
-        the rest of the prompt themselves; when the donor stopped first (it ended, was handed back, or its
-        grammar forced it to the end before decoding anything), decode the prompt yourself."""
+        the rest of the prompt themselves. When the donor stopped first (it ended, was handed back, or its
+        grammar forced it to the end after one step, as a one-token label does), copy what any sequence holds
+        of the prompt now (the stopped donor's slot keeps its cells, and its next prompt often begins alike)
+        and wait for another donor or decode the rest."""
         for slot in slots:
             if slot.request is None or not slot.waiting:
                 continue
             donor, n = slot.donor, slot.share
             if donor.request is not slot.donor_request or donor.waiting or (donor.finish is not None and donor.pos < n):
                 slot.waiting, slot.donor, slot.donor_request = False, None, None
+                start, other = self._reusable(slot, slots, slot.ids, slot.pos)
+                if other is not None:
+                    self._take_cells(slot, other, start)
+                self._wait_for_donor(slot, slots, slot.pos)
             elif donor.pos >= n:
-                self._ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-                self._ll.llama_memory_seq_cp(self.mem, donor.seq, slot.seq, 0, n)
-                self.last.shared_prompt_tokens += n - slot.pos
-                slot.pending = slot.pending[n - slot.pos :]  # nothing of it was decoded while waiting
-                slot.prompt_left = len(slot.tokens) - n
-                slot.pos, slot.waiting, slot.donor, slot.donor_request = n, False, None, None
+                self._take_cells(slot, donor, n)
+                slot.waiting, slot.donor, slot.donor_request = False, None, None
+
+    def _take_cells(self, slot: _Slot, donor: _Slot, n: int) -> None:
+        """Replace a sequence that has decoded nothing of its own prompt yet with a copy of the donor's cells
+        [0, n), which hold the same first n prompt tokens; it decodes only the rest."""
+        self._ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        self._ll.llama_memory_seq_cp(self.mem, donor.seq, slot.seq, 0, n)
+        self.last.shared_prompt_tokens += n - slot.pos
+        slot.pending = slot.pending[n - slot.pos :]  # nothing of it was decoded while waiting
+        slot.prompt_left = len(slot.tokens) - n
+        slot.pos = n
 
     def _step(self, slots: list[_Slot], queue: deque[int], prefix: int) -> int:
         """Put every running sequence's next tokens and as much pending prompt as fits in one batch; decode;

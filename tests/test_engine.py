@@ -326,6 +326,24 @@ def test_prompts_that_begin_alike_copy_those_cells(engines):
             assert (w in shared[i].text) if i % 2 else (w.upper() in shared[i].text), (i, shared[i].text)
 
 
+def test_sequences_waiting_for_a_donor_that_stopped_copy_what_is_held(engines):
+    """Outputs of one token (a one-token label): the first wave's donor ends after the step that decodes its
+    prompt, and its slot starts the next prompt before the waiting sequences copy; they copy the instructions
+    from whichever sequence holds them then, instead of decoding their whole prompts."""
+    upper = ("Each line writes its word in capital letters.\nWord: stone -> STONE\nWord: cloud -> CLOUD\n"
+             "Word: maple -> MAPLE\nWord: {w} ->")
+    prompts = [(FEWSHOT if i % 2 else upper).format(w=w) for i, w in enumerate(WORDS + WORDS)]  # two tasks: no common prefix
+    params = SamplingParams(temperature=0, max_tokens=1)
+    engine = engines(4)
+    shared = run(engine, prompts, params)
+    longest = max(len(engine.tokenize(p)) for p in prompts)
+    # Each task's first prompt whole, then each other prompt's word and cue (5 tokens at most here).
+    assert engine.last.prompt_tokens <= 2 * longest + (len(prompts) - 2) * 5, engine.last.prompt_tokens
+    whole = {c.key: c.text for c in engine.generate([Request(key=i, prompt=p, seed=1000 + i) for i, p in enumerate(prompts)],
+                                                    params, share_prompts=False)}
+    assert {k: c.text for k, c in shared.items()} == whole
+
+
 def test_generate_many_times_on_one_engine(engines):
     engine = engines(4)
     before = engine.stats.completion_tokens
