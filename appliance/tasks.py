@@ -52,7 +52,7 @@ ROUND_STRIDE = 1_000_000
 # Few-shot picks and orders per round for the teacher's input prompts. One per input made every prompt
 # unique after its first line, so the input stage decoded ~90 prompt tokens per ~8-token input; with a
 # few, inputs of one label (or of one extract task) share their whole few-shot block in the KV cache
-# (bench: the input stage 16.5 s -> 12.3 s, the smart-home spec 42 s -> 33 s, as many kept).
+# (one profile: the input stage 16.5 s -> 12.3 s, the smart-home spec 42 s -> 33 s, as many kept).
 # Variety comes from the sampling, the axes and the edge cases; each round draws new orders.
 SHOT_ORDERS = 4
 OUTPUT_OFFSET = 500_000

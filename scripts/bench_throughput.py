@@ -182,7 +182,7 @@ def worker_server(model: str, binary: str, n_parallel: int) -> dict:
 def worker_ceiling(model: str, n: int) -> dict:
     """Decode-only: the shared prefix once, copied to N sequences, each suffix, then MAX_TOKENS steps of
     one token per sequence with logits, never sampled (a fixed token is fed back). `seconds` times the
-    steps only (as llama-batched-bench's S_TG); `prefix_s` and `suffix_s` time the prompt decodes, for the
+    steps only (as llama-batched-bench's S_TG); `prompt_s` times the prompt decodes, for the
     same job's rate (the prefix once, N_REQUESTS / N waves of suffixes and steps)."""
     import llama_cpp as ll
 
@@ -219,9 +219,10 @@ def worker_ceiling(model: str, n: int) -> dict:
                 pos[seq] += 1
             assert engine._decode() == 0
         seconds = time.perf_counter() - start
-    job_s = (t1 - t0) + N_REQUESTS / n * (suffix_s + seconds)
+    prompt_s = (t1 - t0) + N_REQUESTS / n * suffix_s  # the prefix once, a wave of suffixes per N requests
+    job_s = prompt_s + N_REQUESTS / n * seconds
     return {"tokens": n * MAX_TOKENS, "seconds": seconds, "peak_rss": peak_rss(), "n_parallel": n,
-            "prefix_s": t1 - t0, "suffix_s": suffix_s, "job_tok_s": N_REQUESTS * MAX_TOKENS / job_s}
+            "prompt_s": prompt_s, "job_tok_s": N_REQUESTS * MAX_TOKENS / job_s}
 
 
 def _engine_rate(model: str, prompts: list[str], n_parallel: int | None, max_tokens: int, grammar=None,
@@ -397,7 +398,7 @@ def main() -> None:
             c = run_worker(["ceiling", model, str(n)])
             rate = c["tokens"] / c["seconds"]
             rows.append((f"decode-only ceiling N={n} (no sampling; token steps only)", rate, c["peak_rss"], "-"))
-            rows.append((f"decode-only ceiling N={n}, same job (prompts {c['prefix_s'] + N_REQUESTS / n * c['suffix_s']:.2f} s "
+            rows.append((f"decode-only ceiling N={n}, same job (prompts {c['prompt_s']:.2f} s "
                          "+ token steps)", c["job_tok_s"], c["peak_rss"], "-"))
             best = max(best or (0, 0), (rate, n))
             job = max(job or (0, 0), (c["job_tok_s"], n))

@@ -20,6 +20,8 @@ from appliance.hardware import detect_hardware
 from appliance.planner import Plan, make_plan
 from appliance.schema import load_json_schema
 
+UPPER = ("Each line writes its word in capital letters.\nWord: stone -> STONE\nWord: cloud -> CLOUD\n"
+         "Word: maple -> MAPLE\nWord: {w} ->")  # a second task, beginning like FEWSHOT only in its first words
 WORDS = ["apple", "river", "candle", "tiger", "violin", "pepper", "rocket", "garden"]
 FEWSHOT = (
     "Each line repeats its word three times.\n"
@@ -306,9 +308,7 @@ def test_prompts_that_begin_alike_copy_those_cells(engines):
     """Two tasks' prompts interleaved (nothing shared by all of them past a few tokens): each prompt copies
     its task's instructions from a sequence that holds them, running or finished (its own slot's included),
     and decodes only its input; the outputs are the ones decoding every prompt whole gives."""
-    upper = ("Each line writes its word in capital letters.\nWord: stone -> STONE\nWord: cloud -> CLOUD\n"
-             "Word: maple -> MAPLE\nWord: {w} ->")
-    prompts = [(FEWSHOT if i % 2 else upper).format(w=w) for i, w in enumerate(WORDS + WORDS)]
+    prompts = [(FEWSHOT if i % 2 else UPPER).format(w=w) for i, w in enumerate(WORDS + WORDS)]
     params = SamplingParams(temperature=0, max_tokens=8, stop=["\n"])
     for n_parallel in (1, 4):
         engine = engines(n_parallel)
@@ -317,7 +317,7 @@ def test_prompts_that_begin_alike_copy_those_cells(engines):
         reqs = [Request(key=i, prompt=p, seed=1000 + i) for i, p in enumerate(prompts)]
         whole = {c.key: c for c in engine.generate(reqs, params, share_prompts=False)}
         assert engine.last.shared_prompt_tokens == 0
-        instructions = min(len(engine.tokenize(FEWSHOT.format(w=""))), len(engine.tokenize(upper.format(w="")))) - 2
+        instructions = min(len(engine.tokenize(FEWSHOT.format(w=""))), len(engine.tokenize(UPPER.format(w="")))) - 2
         # All but each task's first prompt (the first wave waits for it rather than decode the same tokens).
         assert saved >= (len(prompts) - 2) * instructions, (n_parallel, saved)
         assert decoded == engine.last.prompt_tokens - saved
@@ -330,9 +330,7 @@ def test_sequences_waiting_for_a_donor_that_stopped_copy_what_is_held(engines):
     """Outputs of one token (a one-token label): the first wave's donor ends after the step that decodes its
     prompt, and its slot starts the next prompt before the waiting sequences copy; they copy the instructions
     from whichever sequence holds them then, instead of decoding their whole prompts."""
-    upper = ("Each line writes its word in capital letters.\nWord: stone -> STONE\nWord: cloud -> CLOUD\n"
-             "Word: maple -> MAPLE\nWord: {w} ->")
-    prompts = [(FEWSHOT if i % 2 else upper).format(w=w) for i, w in enumerate(WORDS + WORDS)]  # two tasks: no common prefix
+    prompts = [(FEWSHOT if i % 2 else UPPER).format(w=w) for i, w in enumerate(WORDS + WORDS)]  # two tasks: no common prefix
     params = SamplingParams(temperature=0, max_tokens=1)
     engine = engines(4)
     shared = run(engine, prompts, params)
