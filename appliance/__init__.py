@@ -6,7 +6,7 @@ is the same library behind a CLI.
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import VERSION as __version__
 __all__ = ["Appliance", "__version__"]
 
 if TYPE_CHECKING:

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from . import offline as _offline
-from .datasets import RunSummary, run_file
-from .evaluate import EvalResult, evaluate
+from .recipes.run import RunSummary, run_file
+from .tasks.evaluate import EvalResult, evaluate
 from .events import RunEvents
 from .export import ExportResult, export_run
-from .generate import GenerateOptions, GenerateResult, generate
-from .models import ModelRecord, Registry
-from .prompts import load_prompt
-from .schema import load_json_schema
-from .store import Store, default_db_path
+from .runs.generate import GenerateOptions, GenerateResult, generate
+from .models.registry import ModelRecord, Registry
+from .prompts.files import load_prompt
+from .prompts.schema import load_json_schema
+from .store.database import Store, default_db_path
 
 
 class Appliance:
@@ -120,7 +120,7 @@ class Appliance:
 
     # -- reading ------------------------------------------------------------------------------
     def runs(self) -> list[dict[str, Any]]:
-        from .logs import list_runs
+        from .runs.queries import list_runs
 
         return list_runs(self.store, limit=0)
 

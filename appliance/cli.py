@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from . import __version__, offline
+from . import offline
+from .version import VERSION as __version__
 from .commands import runs, setup, view
 from .errors import ApplianceError, RunInterrupted
 

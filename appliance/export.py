@@ -20,9 +20,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from .errors import ApplianceError, with_article
-from .provenance import card_lines, cross_split_duplicates, prompts_used
-from .quality import NearDuplicateIndex
-from .store import Store, utcnow
+from .data.card import card_lines, cross_split_duplicates, prompts_used
+from .data.filters import NearDuplicateIndex
+from .store.database import Store, utcnow
 
 FORMATS = ("openai", "sharegpt", "alpaca", "jsonl")
 
@@ -383,7 +383,7 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
 
     A run that stored splits (a task run) is exported as stored, so no example `eval` tests on lands in
     a training file; a different `split` is refused unless `resplit`, which the card records."""
-    from .datasets import summarize
+    from .recipes.run import summarize
 
     check_format(fmt)
     ratios = parse_split_spec(split) if split else None

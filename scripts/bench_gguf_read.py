@@ -1,4 +1,4 @@
-"""Time `appliance.gguf_reader.read_gguf` against `gguf.GGUFReader` reading the same header fields.
+"""Time `appliance.models.gguf.read_gguf` against `gguf.GGUFReader` reading the same header fields.
 
     python scripts/bench_gguf_read.py [--repeat N] [MODEL.gguf ...]
 
@@ -20,7 +20,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from appliance.gguf_reader import read_gguf
+from appliance.models.gguf import read_gguf
 
 VOCAB = 152064
 MERGES = 151387

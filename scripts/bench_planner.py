@@ -32,11 +32,11 @@ import gguf
 import numpy as np
 import psutil
 
-from appliance.estimate import RUNTIME_BYTES, VOCAB_BYTES_PER_TOKEN, MiB
-from appliance.gguf_reader import read_gguf
-from appliance.hardware import detect_hardware
-from appliance.models import demo_model_path
-from appliance.planner import Plan, make_plan
+from appliance.plan.estimate import RUNTIME_BYTES, VOCAB_BYTES_PER_TOKEN, MiB
+from appliance.models.gguf import read_gguf
+from appliance.plan.hardware import detect_hardware
+from appliance.models.registry import demo_model_path
+from appliance.plan.planner import Plan, make_plan
 
 SETTINGS: list[tuple[int, int, dict[str, Any]]] = [  # n_ctx, n_parallel, extra make_plan arguments
     (512, 1, {}),
@@ -91,8 +91,8 @@ def child(job: dict[str, Any]) -> None:
 
     import llama_cpp as ll
 
-    import appliance.generate  # noqa: F401  (what `appliance generate` imports: part of the runtime)
-    import appliance.quality  # noqa: F401
+    import appliance.runs.generate  # noqa: F401  (what `appliance generate` imports: part of the runtime)
+    import appliance.data.filters  # noqa: F401
 
     figures: dict[str, Any] = {"import": _status()}
     ll.llama_backend_init()

@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from appliance.retry import ITEM_LIMIT  # noqa: E402
+from appliance.recipes.retry import ITEM_LIMIT  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))

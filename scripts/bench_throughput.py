@@ -79,12 +79,12 @@ def worker_naive(model: str) -> dict:
 
 
 def worker_engine(model: str, n_parallel: int | None) -> dict:
-    from appliance.engine import Engine, Request, SamplingParams
-    from appliance.llama import count_prompt_tokens
-    from appliance.gguf_reader import read_gguf
-    from appliance.hardware import detect_hardware
-    from appliance.planner import make_plan
-    from appliance.store import Store, Writer, utcnow
+    from appliance.engine.engine import Engine, Request, SamplingParams
+    from appliance.engine.llama import count_prompt_tokens
+    from appliance.models.gguf import read_gguf
+    from appliance.plan.hardware import detect_hardware
+    from appliance.plan.planner import make_plan
+    from appliance.store.database import Store, Writer, utcnow
 
     prompts = workload()
     prefix, suffix = count_prompt_tokens(model, prompts)
@@ -186,11 +186,11 @@ def worker_ceiling(model: str, n: int) -> dict:
     same job's rate (the prefix once, N_REQUESTS / N waves of suffixes and steps)."""
     import llama_cpp as ll
 
-    from appliance.engine import Engine
-    from appliance.llama import count_prompt_tokens
-    from appliance.gguf_reader import read_gguf
-    from appliance.hardware import detect_hardware
-    from appliance.planner import make_plan
+    from appliance.engine.engine import Engine
+    from appliance.engine.llama import count_prompt_tokens
+    from appliance.models.gguf import read_gguf
+    from appliance.plan.hardware import detect_hardware
+    from appliance.plan.planner import make_plan
 
     prompts = workload()[:n]
     prefix, suffix = count_prompt_tokens(model, workload())
@@ -227,11 +227,11 @@ def worker_ceiling(model: str, n: int) -> dict:
 
 def _engine_rate(model: str, prompts: list[str], n_parallel: int | None, max_tokens: int, grammar=None,
                  temperature: float = TEMPERATURE, chat: bool = False) -> dict:
-    from appliance.engine import Engine, Request, SamplingParams
-    from appliance.llama import count_prompt_tokens
-    from appliance.gguf_reader import read_gguf
-    from appliance.hardware import detect_hardware
-    from appliance.planner import make_plan
+    from appliance.engine.engine import Engine, Request, SamplingParams
+    from appliance.engine.llama import count_prompt_tokens
+    from appliance.models.gguf import read_gguf
+    from appliance.plan.hardware import detect_hardware
+    from appliance.plan.planner import make_plan
 
     prefix, suffix = count_prompt_tokens(model, prompts)
     plan = make_plan(read_gguf(model), detect_hardware(), n_parallel=n_parallel, prefix_tokens=prefix,
@@ -248,9 +248,9 @@ def _engine_rate(model: str, prompts: list[str], n_parallel: int | None, max_tok
 
 
 def worker_grammar(model: str, n: str) -> dict:
-    from appliance.prompts import load_prompt
-    from appliance.runner import item_seeds
-    from appliance.schema import load_json_schema
+    from appliance.prompts.files import load_prompt
+    from appliance.runs.items import item_seeds
+    from appliance.prompts.schema import load_json_schema
 
     prompt = load_prompt(REPO / "prompts" / "ticket-triage.md")
     prompts = [prompt.render(prompt.values_for_item({}, seed)) for seed in item_seeds(7, N_REQUESTS)]
@@ -272,10 +272,10 @@ def worker_grammar(model: str, n: str) -> dict:
 
 
 def worker_tasks(model: str) -> dict:
-    from appliance.models import Registry
-    from appliance.store import Store
-    from appliance.taskspec import load_task_spec
-    from appliance.tasks import run_task_spec
+    from appliance.models.registry import Registry
+    from appliance.store.database import Store
+    from appliance.tasks.spec import load_task_spec
+    from appliance.tasks.run import run_task_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "bench.db")
@@ -290,8 +290,8 @@ def worker_tasks(model: str) -> dict:
 
 
 def worker_chat(model: str, n: str) -> dict:
-    from appliance.chat import load_chat_template
-    from appliance.gguf_reader import read_gguf
+    from appliance.prompts.chat import load_chat_template
+    from appliance.models.gguf import read_gguf
 
     template = load_chat_template(read_gguf(model), None, "smollm2")
     topics = ["the sun", "rain", "bread", "a river", "the moon", "trees", "snow", "bees"]
@@ -369,7 +369,7 @@ def main() -> None:
         model = args.model
     else:
         sys.path.insert(0, str(REPO))
-        from appliance.models import demo_model_path
+        from appliance.models.registry import demo_model_path
 
         model = str(demo_model_path())
     rows: list[tuple[str, float, int, str]] = []

@@ -11,7 +11,7 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from appliance.cli import cli
-from appliance.models import demo_model_path
+from appliance.models.registry import demo_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 

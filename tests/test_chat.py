@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from appliance import chat_worker
-from appliance.chat import (
+from appliance.prompts import sandbox as chat_worker
+from appliance.prompts.chat import (
     BUILTIN_TEMPLATES,
     ChatTemplate,
     decide_mode,
     load_chat_template,
     merge_system,
 )
-from appliance.llama import Vocab, _tokenize
+from appliance.engine.llama import Vocab, _tokenize
 from appliance.errors import ChatTemplateError
-from appliance.prompts import load_prompt, parse_prompt
+from appliance.prompts.files import load_prompt, parse_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM = {"role": "system", "content": "You answer in one word."}

@@ -18,9 +18,9 @@ import pytest
 import sqlite_utils
 
 from appliance import offline
-from appliance.cluster import cluster_hosts
+from appliance.workers.cluster import cluster_hosts
 from appliance.errors import ApplianceError
-from appliance.retry import ITEM_LIMIT
+from appliance.recipes.retry import ITEM_LIMIT
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

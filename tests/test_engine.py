@@ -10,15 +10,15 @@ import json
 import jsonschema
 import pytest
 
-from appliance import llama as llama_module
-from appliance.engine import Engine, Request, SamplingParams
-from appliance.llama import decode_only_rate
+from appliance.engine import llama as llama_module
+from appliance.engine.engine import Engine, Request, SamplingParams
+from appliance.engine.llama import decode_only_rate
 from appliance.errors import GenerationError
-from appliance.grammar import Grammar, GrammarError
-from appliance.gguf_reader import read_gguf
-from appliance.hardware import detect_hardware
-from appliance.planner import Plan, make_plan
-from appliance.schema import load_json_schema
+from appliance.engine.grammar import Grammar, GrammarError
+from appliance.models.gguf import read_gguf
+from appliance.plan.hardware import detect_hardware
+from appliance.plan.planner import Plan, make_plan
+from appliance.prompts.schema import load_json_schema
 
 UPPER = ("Each line writes its word in capital letters.\nWord: stone -> STONE\nWord: cloud -> CLOUD\n"
          "Word: maple -> MAPLE\nWord: {w} ->")  # a second task, beginning like FEWSHOT only in its first words
@@ -32,7 +32,7 @@ FEWSHOT = (
 
 
 def plan(n_parallel: int, n_ctx: int = 2048) -> Plan:
-    from appliance.models import demo_model_path
+    from appliance.models.registry import demo_model_path
 
     return make_plan(read_gguf(demo_model_path()), detect_hardware(), n_ctx=n_ctx, n_parallel=n_parallel, n_gpu_layers=0).require()
 
@@ -390,7 +390,7 @@ def test_numpy_candidates_draw_exactly_what_llama_sampler_sample_draws(engines, 
 def test_top_candidates_always_hold_the_k_largest():
     import numpy as np
 
-    from appliance.generation import _top_candidates
+    from appliance.engine.types import _top_candidates
 
     rng = np.random.default_rng(0)
     for spread in (0.5, 5.0, 50.0):  # many near the top (margin suffices) to a few far apart (exact partition)

@@ -19,7 +19,7 @@ from appliance.export import (
     to_record,
     write_jsonl,
 )
-from appliance.store import Store
+from appliance.store.database import Store
 
 WITH_SYSTEM = Example(
     id="ex1",

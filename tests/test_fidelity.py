@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ApplianceError
-from appliance.fidelity import FIDELITY_BASE, FidelityError, Check, check_items, grammar, labels, load_checks, rates, uninformative, verdict
-from appliance.prompts import parse_prompt
-from appliance.recipe import load_recipe
-from appliance.store import Store
+from appliance.recipes.fidelity import FIDELITY_BASE, FidelityError, Check, check_items, grammar, labels, load_checks, rates, uninformative, verdict
+from appliance.prompts.files import parse_prompt
+from appliance.recipes.recipe import load_recipe
+from appliance.store.database import Store
 
 REPO = Path(__file__).resolve().parent.parent
 

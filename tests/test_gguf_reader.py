@@ -1,4 +1,4 @@
-"""appliance.gguf_reader: the fast header reader, checked against gguf.GGUFReader and broken files."""
+"""appliance.models.gguf: the fast header reader, checked against gguf.GGUFReader and broken files."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import gguf
 import numpy as np
 import pytest
 
-from appliance import gguf_reader
+from appliance.models import gguf as gguf_reader
 from appliance.errors import ModelFileError
-from appliance.gguf_reader import read_gguf
+from appliance.models.gguf import read_gguf
 
 BIG_VOCAB = 131072
 

@@ -1,4 +1,4 @@
-"""Output constraints (appliance.grammar): compiling JSON schemas, Lark, choices and GBNF into llguidance
+"""Output constraints (appliance.engine.grammar): compiling JSON schemas, Lark, choices and GBNF into llguidance
 grammars, one-line errors for bad ones, and the per-sequence Constraint against the demo model's real
 vocabulary (checking one token, forced tokens, the logits mask, end only where the output is complete)."""
 
@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from appliance.llama import Vocab
-from appliance.grammar import Constrainer, Grammar, GrammarError, as_grammar, _no_extra_properties
+from appliance.engine.llama import Vocab
+from appliance.engine.grammar import Constrainer, Grammar, GrammarError, as_grammar, _no_extra_properties
 
 TICKET = {
     "type": "object",

@@ -1,4 +1,4 @@
-"""appliance.hardware: the real machine gives sane figures; cgroup, NVML and Metal probes on fakes."""
+"""appliance.plan.hardware: the real machine gives sane figures; cgroup, NVML and Metal probes on fakes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import hardware
+from appliance.plan import hardware
 from appliance.errors import ApplianceError
-from appliance.hardware import MEMORY_LIMIT_ENV, cgroup_cpu_quota, cgroup_memory, detect_hardware, memory_limit_from_env
+from appliance.plan.hardware import MEMORY_LIMIT_ENV, cgroup_cpu_quota, cgroup_memory, detect_hardware, memory_limit_from_env
 
 GiB = 1 << 30
 

@@ -67,10 +67,10 @@ def test_chat_mode_errors_are_one_line(run_cli, demo_model, workdir):
 def test_builtin_template_for_a_gguf_without_one(run_cli, demo_model):
     """The demo base model through the built-in gemma template: the template writes <bos> itself, so the
     tokenizer must not add a second one."""
-    from appliance.models import Registry
-    from appliance.prompting import style_for
-    from appliance.prompts import load_prompt
-    from appliance.store import Store
+    from appliance.models.registry import Registry
+    from appliance.runs.style import style_for
+    from appliance.prompts.files import load_prompt
+    from appliance.store.database import Store
 
     run_cli("generate", "prompts/question.md", "-m", str(demo_model), "--chat-template", "gemma", "-n", "1", "--max-tokens", "8")
     gen = run_cli.table("generations")[0]
@@ -113,8 +113,8 @@ def test_smollm2_as_task_teacher_and_as_eval_student(run_cli, smol, demo_model, 
         assert messages[0]["role"] == "system" and messages[-1]["role"] == "user"
     # every answer the grammar ended parses: the grammar constrains the assistant turn (an answer cut by
     # max_tokens mid-string, e.g. a 135M model's endless room name, is the limit's doing; it cannot be kept)
-    from appliance.taskprompts import parse_output
-    from appliance.taskspec import load_task_spec
+    from appliance.tasks.prompts import parse_output
+    from appliance.tasks.spec import load_task_spec
 
     loaded = load_task_spec(spec)
     ended = [a for a in answers if a["finish_reason"] != "length"]

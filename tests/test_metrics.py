@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.metrics import (
+from appliance.data.metrics import (
     INVALID,
     classification_report,
     extraction_report,

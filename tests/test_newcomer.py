@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 
-from appliance.datasets import _ENV
+from appliance.recipes.run import _ENV
 from appliance.errors import RunInterrupted, with_article
-from appliance.recipe import load_recipe
-from appliance.store import Store, utcnow
+from appliance.recipes.recipe import load_recipe
+from appliance.store.database import Store, utcnow
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def test_an_interrupted_recipe_run_names_the_command_that_continues_it(run_cli, 
         seen.append(row)
         raise KeyboardInterrupt  # Ctrl-C right after the first output is stored
 
-    from appliance.progress import GenerationProgress
+    from appliance.views.progress import GenerationProgress
 
     with monkeypatch.context() as m:
         m.setattr(GenerationProgress, "row", stop_after_the_first)
@@ -96,7 +96,7 @@ def test_an_interrupted_generate_run_says_it_cannot_be_resumed_and_what_to_run(r
     def stop(self, row: dict) -> None:
         raise KeyboardInterrupt
 
-    from appliance.progress import GenerationProgress
+    from appliance.views.progress import GenerationProgress
 
     with monkeypatch.context() as m:
         m.setattr(sys, "argv", ["appliance", *args])  # what the command line was
@@ -134,7 +134,7 @@ def test_resuming_a_generate_run_as_a_recipe_is_refused_in_plain_words(run_cli, 
 
 
 def test_a_run_is_named_by_id_last_or_its_name(run_cli, workdir):
-    from appliance.logs import resolve_run
+    from appliance.runs.queries import resolve_run
 
     store = Store(run_cli.db)
     first = fake_run(store, kind="synthetic", requested=1, name="reviews")
@@ -201,8 +201,8 @@ def test_plan_reports_every_value_it_changes(run_cli, demo_model):
 def test_plan_adjustments_for_gpu_layers_and_suggestions_within_the_trained_context():
     from test_planner import machine, mistral_7b_q4_k_m
 
-    from appliance.hardware import GPUInfo
-    from appliance.planner import make_plan
+    from appliance.plan.hardware import GPUInfo
+    from appliance.plan.planner import make_plan
 
     gpu = GPUInfo(index=0, name="test", backend="cuda", vram_total_bytes=80 << 30, vram_free_bytes=80 << 30)
     plan = make_plan(mistral_7b_q4_k_m(), machine(64, [gpu]), n_gpu_layers=50)

@@ -1,4 +1,4 @@
-"""appliance.planner: the estimate's formulas, the choices it makes, and the demo model against llama.cpp."""
+"""appliance.plan.planner: the estimate's formulas, the choices it makes, and the demo model against llama.cpp."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import PlanError
-from appliance.estimate import GiB, MiB, format_bytes
-from appliance.gguf_info import GGUFInfo
-from appliance.gguf_reader import read_gguf
-from appliance.hardware import GPUInfo, HardwareInfo
-from appliance.planner import make_plan
+from appliance.plan.estimate import GiB, MiB, format_bytes
+from appliance.models.info import GGUFInfo
+from appliance.models.gguf import read_gguf
+from appliance.plan.hardware import GPUInfo, HardwareInfo
+from appliance.plan.planner import make_plan
 
 KiB = 1 << 10
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.errors import PromptError
-from appliance.prompts import check_used, fewshot_cue, load_prompt, parse_prompt, parse_var
+from appliance.prompts.files import check_used, fewshot_cue, load_prompt, parse_prompt, parse_var
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.quality import (
+from appliance.data.filters import (
     EchoGuard,
     NearDuplicateIndex,
     QualityError,

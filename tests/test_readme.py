@@ -27,7 +27,7 @@ import click
 import pytest
 
 from appliance.cli import cli
-from appliance.store import Store
+from appliance.store.database import Store
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

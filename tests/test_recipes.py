@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from appliance.datasets import judge, run_recipe
+from appliance.recipes.run import judge, run_recipe
 from appliance.errors import RunInterrupted
 from appliance.events import RunEvents
-from appliance.fidelity import FIDELITY_BASE
-from appliance.models import Registry
-from appliance.recipe import Recipe, load_recipe
-from appliance.retry import ITEM_LIMIT, RETRY_BUDGET
-from appliance.store import Store
+from appliance.recipes.fidelity import FIDELITY_BASE
+from appliance.models.registry import Registry
+from appliance.recipes.recipe import Recipe, load_recipe
+from appliance.recipes.retry import ITEM_LIMIT, RETRY_BUDGET
+from appliance.store.database import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -308,7 +308,7 @@ _keys = st.sampled_from(["kind", "model", "prompt", "count", "seed", "sources", 
 @given(st.dictionaries(_keys, _values, max_size=8), st.sampled_from(["synthetic", "annotated", "augmented", None]))
 def test_recipe_parser_gives_a_recipe_or_one_line_error(tmp_path_factory, data, kind):
     """Any TOML-shaped input: either a valid recipe or a RecipeError of one line naming the file."""
-    from appliance.recipe import RecipeError
+    from appliance.recipes.recipe import RecipeError
 
     if kind:
         data = {**data, "kind": kind}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from appliance.fidelity import FIDELITY_BASE
-from appliance.retry import ITEM_LIMIT
+from appliance.recipes.fidelity import FIDELITY_BASE
+from appliance.recipes.retry import ITEM_LIMIT
 
 REPO = Path(__file__).resolve().parent.parent
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))
@@ -167,7 +167,7 @@ def test_readers_and_a_second_writer_while_a_run_writes(workdir):
 
 def test_decode_failure_marks_the_run_failed_and_keeps_earlier_rows(run_cli, demo_model, monkeypatch):
     """llama.cpp failing mid-run (here: llama_decode returning an error after some outputs)."""
-    from appliance.engine import Engine
+    from appliance.engine.engine import Engine
 
     real = Engine._decode
     calls = {"n": 0}

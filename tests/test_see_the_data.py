@@ -22,7 +22,7 @@ import sqlite_utils
 from click.testing import CliRunner
 
 from appliance.cli import cli
-from appliance.store import Store
+from appliance.store.database import Store
 
 REPO = Path(__file__).resolve().parent.parent
 # Flags for a browser that must not phone home: no sandbox (root in CI), no GPU, no QUIC, no first-run,

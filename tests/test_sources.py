@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.sources import SourceError, approx_tokens, chunk_text, read_sources
+from appliance.recipes.sources import SourceError, approx_tokens, chunk_text, read_sources
 
 CORIOLANUS = Path(__file__).parent / "data" / "coriolanus-act1-excerpt.txt"
 

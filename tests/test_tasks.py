@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from appliance.taskprompts import parse_output
-from appliance.taskspec import load_task_spec
+from appliance.tasks.prompts import parse_output
+from appliance.tasks.spec import load_task_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def test_spec_runs_end_to_end_with_balanced_parsable_leak_free_data(run_cli, sma
         assert ex["split"] in {"train", "validation", "test"}
         assert 0 < ex["confidence"] <= 1
     # balance: no label above its target's upper bound; every label short of its lower bound is reported
-    from appliance.taskspec import label_targets, task_targets
+    from appliance.tasks.spec import label_targets, task_targets
 
     targets = task_targets(spec)
     events = " ".join(e["message"] for e in d["run_events"].rows)

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.prompts import parse_prompt
-from appliance.taskprompts import (
+from appliance.prompts.files import parse_prompt
+from appliance.tasks.prompts import (
     copied_scaffold,
     format_output,
     grammar_parses,
@@ -28,7 +28,7 @@ from appliance.taskprompts import (
     render_task_prompt,
     stop_strings,
 )
-from appliance.taskspec import (
+from appliance.tasks.spec import (
     INPUT_PROMPT_VARIABLES,
     Balance,
     ClassifyTask,
@@ -496,8 +496,8 @@ def test_input_prompts_exact_and_seeded():
 def test_a_round_of_input_prompts_shares_few_shot_blocks():
     """A task run draws each input prompt's few-shot picks and order from SHOT_ORDERS per round, so the
     prompts of one label share their few-shot block (decoded once into the KV cache), and rounds differ."""
-    from appliance.prompting import PromptStyle
-    from appliance.tasks import SHOT_ORDERS, _input_items
+    from appliance.runs.style import PromptStyle
+    from appliance.tasks.run import SHOT_ORDERS, _input_items
 
     loaded = load_task_spec(REPO / "tasks" / "smart-home.toml")
     style = PromptStyle(mode="completion", template=None, model_name="m")

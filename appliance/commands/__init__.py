@@ -7,19 +7,19 @@ import click
 
 
 def open_store(ctx: click.Context, readonly: bool = False):
-    from ..store import Store
+    from ..store.database import Store
 
     return Store(ctx.obj["db"], readonly=readonly)
 
 
 def open_registry(store):
-    from ..models import Registry
+    from ..models.registry import Registry
 
     return Registry(store)
 
 
 def hint(run_id: int | str = "RUN_ID") -> str:
     """The report/browse line (`appliance.report.hint`), imported only when printed."""
-    from .. import report
+    from ..views import report
 
     return report.hint(run_id)

@@ -32,10 +32,10 @@ from . import hint, open_registry, open_store
 @click.pass_context
 def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, variables: tuple[str, ...], temperature, top_p, max_tokens, seed, schema_file, n_parallel, n_ctx, n_gpu_layers, mode, chat_template, as_json: bool) -> None:
     """Generate COUNT outputs from PROMPT_FILE with MODEL; each is logged to the database as it completes."""
-    from ..generate import GenerateOptions, generate
-    from ..schema import load_json_schema
-    from ..progress import GenerationProgress, json_row, text_row
-    from ..prompts import load_prompt, parse_var
+    from ..runs.generate import GenerateOptions, generate
+    from ..prompts.schema import load_json_schema
+    from ..views.progress import GenerationProgress, json_row, text_row
+    from ..prompts.files import load_prompt, parse_var
 
     if count <= 0:
         raise ApplianceError(f"-n/--count must be at least 1, got {count}")
@@ -82,8 +82,8 @@ def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, 
 def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, quiet: bool, mode, chat_template, ray, ray_actors) -> None:
     """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented) or a task spec
     (`[[tasks]]`: data for small models). Re-running the file continues its unfinished run."""
-    from ..datasets import run_file
-    from ..progress import GenerationProgress, text_row
+    from ..recipes.run import run_file
+    from ..views.progress import GenerationProgress, text_row
 
     if resume is not None and new_run:
         raise ApplianceError("--resume and --new-run exclude each other")
@@ -140,7 +140,7 @@ def export_cmd(ctx: click.Context, run_ref: str, fmt: str, out: Path, split: str
     """Write the examples of RUN (an id, `last`, or a run name) that passed every filter, and a dataset card beside
     them. A task run's stored splits are kept (one file per split), so no example `eval` tests on is trained on."""
     from ..export import export_run
-    from ..logs import resolve_run
+    from ..runs.queries import resolve_run
 
     store = open_store(ctx, readonly=True)
     result = export_run(store, resolve_run(store, run_ref), fmt, out, split, seed, resplit=resplit)
@@ -161,10 +161,10 @@ def export_cmd(ctx: click.Context, run_ref: str, fmt: str, out: Path, split: str
 def eval_cmd(ctx: click.Context, student: str, dataset_ref: str, split: str, n_parallel: int | None, mode: str, chat_template, as_json: bool) -> None:
     """Run STUDENT (a GGUF) on a task run's held-out examples with the same prompt and constraints;
     report accuracy and per-label P/R/F1 (classify), JSON validity and per-field exact match (extract)."""
-    from ..evaluate import evaluate
-    from ..logs import resolve_run
-    from ..metrics import format_report
-    from ..progress import GenerationProgress
+    from ..tasks.evaluate import evaluate
+    from ..runs.queries import resolve_run
+    from ..data.metrics import format_report
+    from ..views.progress import GenerationProgress
 
     store = open_store(ctx)
     dataset_run = resolve_run(store, dataset_ref)
@@ -185,7 +185,7 @@ def eval_cmd(ctx: click.Context, student: str, dataset_ref: str, split: str, n_p
 @click.pass_context
 def evals_cmd(ctx: click.Context, as_json: bool) -> None:
     """Compare evaluation results across students and datasets."""
-    from ..evaluate import headline, list_evals
+    from ..tasks.evaluate import headline, list_evals
 
     rows = list_evals(open_store(ctx, readonly=True))
     if as_json:

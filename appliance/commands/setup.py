@@ -13,7 +13,7 @@ from . import open_registry, open_store
 
 
 def _bytes(n: int | None) -> str:
-    from ..estimate import format_bytes  # (imports gguf and numpy: not at the CLI's start)
+    from ..plan.estimate import format_bytes  # (imports gguf and numpy: not at the CLI's start)
 
     return "-" if n is None else format_bytes(n)
 
@@ -44,7 +44,7 @@ def db_path(ctx: click.Context) -> None:
 @click.pass_context
 def db_check(ctx: click.Context) -> None:
     """Integrity check and row counts per run; exits 1 if SQLite reports damage."""
-    from ..logs import list_runs
+    from ..runs.queries import list_runs
 
     store = open_store(ctx, readonly=True)
     problems = [r["integrity_check"] for r in store.rows("PRAGMA integrity_check")]
@@ -195,7 +195,7 @@ def models_remove(ctx: click.Context, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def hw(as_json: bool) -> None:
     """What this machine has: CPU, RAM (and cgroup limit), GPUs and free VRAM, llama.cpp GPU support."""
-    from ..hardware import detect_hardware
+    from ..plan.hardware import detect_hardware
 
     info = detect_hardware()
     if as_json:
@@ -228,8 +228,8 @@ def plan_cmd(ctx: click.Context, model: str, n_ctx: int | None, n_parallel: int 
     """Estimate the memory MODEL needs here and choose GPU layers, context and parallel sequences.
 
     Exits 1 when it does not fit, with what would."""
-    from ..hardware import detect_hardware
-    from ..planner import make_plan
+    from ..plan.hardware import detect_hardware
+    from ..plan.planner import make_plan
 
     record = open_registry(open_store(ctx)).resolve(model)
     plan = make_plan(record.info, detect_hardware(), n_ctx=n_ctx, n_parallel=n_parallel, n_gpu_layers=n_gpu_layers,

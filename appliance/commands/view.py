@@ -19,7 +19,7 @@ from . import hint, open_store
 @click.pass_context
 def logs(ctx: click.Context, limit: int, query: str | None, run_ref: str | None, as_json: bool) -> None:
     """Show logged generations, newest first."""
-    from ..logs import item_label, resolve_run, search_generations
+    from ..runs.queries import item_label, resolve_run, search_generations
 
     store = open_store(ctx, readonly=True)
     run_id = resolve_run(store, run_ref) if run_ref is not None else None
@@ -45,7 +45,7 @@ def logs(ctx: click.Context, limit: int, query: str | None, run_ref: str | None,
 @click.pass_context
 def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
     """List runs with their status and counts."""
-    from ..logs import list_runs
+    from ..runs.queries import list_runs
 
     rows = list_runs(open_store(ctx, readonly=True), limit=limit)
     for row in rows:
@@ -76,7 +76,7 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
 def browse_cmd(ctx: click.Context, port: int, open_browser: bool) -> None:
     """Browse the database in Datasette: read-only, on 127.0.0.1 only, offline, with table descriptions,
     facets and canned queries (runs, drops per filter, label balance, evaluations, output search)."""
-    from ..browse import serve
+    from ..views.browse import serve
 
     db = Path(ctx.obj["db"])
     serve(db, port, open_browser, on_ready=lambda url: click.echo(f"serving {db} read-only at {url} (Ctrl-C stops)", err=True))
@@ -89,8 +89,8 @@ def browse_cmd(ctx: click.Context, port: int, open_browser: bool) -> None:
 def report_cmd(ctx: click.Context, run_ref: str, out: Path) -> None:
     """Write one self-contained HTML page about RUN (an id, `last`, or a run name): plots (lengths, drops per
     filter, label balance, echo and grounding measures, speed, student scores) and kept and dropped examples."""
-    from ..logs import resolve_run
-    from ..report import write_report
+    from ..runs.queries import resolve_run
+    from ..views.report import write_report
 
     store = open_store(ctx, readonly=True)
     run_id = resolve_run(store, run_ref)

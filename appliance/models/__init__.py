@@ -1,0 +1,3 @@
+"""Models: the fast GGUF header reader, what it reads (GGUFInfo), and the registry of models by name.
+
+May import: store."""

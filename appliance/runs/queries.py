@@ -1,0 +1,146 @@
+"""Reading the log back: generations (with full-text search) and runs, for `appliance logs` and `runs`;
+and what a user types next: which run a reference names, how each run's counts read, how to continue it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from ..errors import ApplianceError
+from ..recipes.retry import ITEM_LIMIT
+from ..store.database import Store
+
+_GENERATION_COLUMNS = """
+    g.id, g.run_id, g.item_index, m.name AS model, p.name AS prompt, g.seed, g.tokens_in, g.tokens_out,
+    g.ms, g.finish_reason, g.created_at, g.output, g.rendered_prompt, r.kind, g.variables_json
+"""
+
+
+def _fts_query(text: str) -> str:
+    """Words of the user's query as quoted FTS5 terms (so punctuation cannot break the syntax)."""
+    words = [w.replace('"', '""') for w in text.split()]
+    if not words:
+        raise ApplianceError("-q/--query needs at least one word")
+    return " ".join(f'"{w}"' for w in words)
+
+
+def search_generations(store: Store, *, limit: int = 3, query: str | None = None, run_id: int | None = None) -> list[dict[str, Any]]:
+    """Newest generations first, optionally matching a full-text query and/or one run."""
+    where, params = [], []
+    joins = "JOIN runs r ON r.id = g.run_id LEFT JOIN models m ON m.id = r.model_id LEFT JOIN prompts p ON p.id = g.prompt_id"
+    if query:
+        joins += " JOIN generations_fts f ON f.rowid = g.id"
+        where.append("generations_fts MATCH ?")
+        params.append(_fts_query(query))
+    if run_id is not None:
+        if not store.rows("SELECT 1 FROM runs WHERE id = ?", [run_id]):
+            raise ApplianceError(f"no run {run_id} (see `appliance runs`)")
+        where.append("g.run_id = ?")
+        params.append(run_id)
+    sql = f"SELECT {_GENERATION_COLUMNS} FROM generations g {joins}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY g.id DESC"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    rows = store.rows(sql, params)
+    for row in rows:
+        row["variables"] = json.loads(row.pop("variables_json") or "null")
+    return rows
+
+
+def item_label(index: int, variables: dict[str, Any] | None) -> str:
+    """How text output names an item: its `item_index` (the same number as in JSON and SQL), and for task
+    and eval runs, whose indices encode round and phase, what the item is."""
+    v = variables or {}
+    if v.get("phase") == "input":
+        label = f", label {v['label']}" if v.get("label") else ""
+        return f"item {index} ({v.get('task')} input, round {v.get('round')}{label})"
+    if v.get("phase") == "output":
+        return f"item {index} ({v.get('task')} answer {v.get('sample')} to item {v.get('input_index')})"
+    if "example_id" in v:
+        return f"item {index} ({v.get('task')}, example {v['example_id']})"
+    return f"item {index}"
+
+
+def list_runs(store: Store, *, limit: int = 20) -> list[dict[str, Any]]:
+    """Runs, newest first, with generations done, examples kept, and dropped examples per first failing filter."""
+    sql = """
+        SELECT r.id, r.kind, r.name, r.status, r.requested,
+               (SELECT count(*) FROM generations g WHERE g.run_id = r.id
+                AND (r.kind NOT IN ('synthetic', 'annotated', 'augmented') OR g.item_index < ?)) AS done,
+               (SELECT count(*) FROM examples e WHERE e.run_id = r.id AND e.kept = 1) AS kept,
+               m.name AS model, p.name AS prompt, r.started_at, r.ended_at, r.error, r.config_json
+        FROM runs r LEFT JOIN models m ON m.id = r.model_id LEFT JOIN prompts p ON p.id = r.prompt_id
+        ORDER BY r.id DESC"""
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    runs = store.rows(sql, [ITEM_LIMIT])  # a recipe's items, not their retries or fidelity checks
+    drops: dict[int, dict[str, int]] = {}
+    first_failures = """SELECT e.run_id, min(v.id) id FROM examples e JOIN verdicts v ON v.generation_id = e.generation_id
+                        AND v.passed = 0 WHERE e.kept = 0 GROUP BY e.id"""  # each dropped example once, by its first failure
+    for row in store.rows(f"SELECT f.run_id, v.filter, count(*) n FROM ({first_failures}) f JOIN verdicts v ON v.id = f.id "
+                          "GROUP BY f.run_id, v.filter"):
+        drops.setdefault(row["run_id"], {})[row["filter"]] = row["n"]
+    for run in runs:
+        run["dropped"] = drops.get(run["id"], {})
+        run["counts"] = run_counts(run)
+        run["next"] = next_step(run) if run["status"] != "completed" else None
+        del run["config_json"]
+    return runs
+
+
+def run_counts(run: dict[str, Any]) -> str:
+    """A run's progress in the units its kind requests: a task run asks for examples and makes several
+    generations for each, so its generations are never read against its request."""
+    done, requested, kept, kind = run["done"], run["requested"], run["kept"], run["kind"]
+    if kind == "generate":
+        return f"{done}/{requested} outputs"
+    if kind == "eval":
+        return f"{done}/{requested} predictions"
+    if kind == "task":
+        return f"{done} generations, {kept}/{requested} examples kept"
+    return f"{done}/{requested} generated, {kept} kept"
+
+
+def next_step(run: dict[str, Any]) -> str:
+    """The exact command that continues an unfinished run (a row of `runs` with id, kind, config_json), or,
+    for the kinds that cannot be continued, that plainly and the command to run again."""
+    config = json.loads(run.get("config_json") or "{}")
+    run_id, kind = run["id"], run["kind"]
+    if kind == "generate":
+        command = config.get("command") or []
+        again = f"`appliance {shlex.join(command)}`" if "generate" in command else "the same `appliance generate` command"
+        return f"a generate run cannot be resumed: run {again} again (a new run; run {run_id} keeps what it stored)"
+    if kind == "eval":
+        again = (f"`appliance eval {shlex.quote(str(config['student']))} --dataset {config['dataset_run']} "
+                 f"--split {shlex.quote(str(config['split']))}`" if {"student", "dataset_run", "split"} <= set(config)
+                 else "the same `appliance eval` command")
+        return f"an eval run cannot be resumed: run {again} again (a new run)"
+    path = config.get("recipe_path") or config.get("spec_path")
+    return f"resume with `appliance run {shlex.quote(path) if path else 'FILE'} --resume {run_id}`"
+
+
+def interrupted_message(store: Store, run_id: int) -> str:
+    """The one line a stopped run ends with: which run, what it kept, and the command that continues it."""
+    run = store.rows("SELECT id, kind, status, config_json FROM runs WHERE id = ?", [run_id])[0]
+    n = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?", [run_id])[0]["n"]
+    return f"interrupted: run {run_id} keeps {n} output{'' if n == 1 else 's'} stored so far; {next_step(run)}"
+
+
+def resolve_run(store: Store, ref: str) -> int:
+    """The run a user names: its id, `last` (the newest run), or a run name (its newest run, e.g. a recipe's
+    `name`), so that instructions need no run id known in advance."""
+    ref = ref.strip()
+    if ref.isdigit():
+        rows = store.rows("SELECT id FROM runs WHERE id = ?", [int(ref)])
+    elif ref == "last":
+        rows = store.rows("SELECT id FROM runs ORDER BY id DESC LIMIT 1")
+    else:
+        rows = store.rows("SELECT id FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1", [ref])
+    if not rows:
+        names = [r["name"] for r in store.rows("SELECT DISTINCT name FROM runs WHERE name IS NOT NULL ORDER BY name")]
+        known = f"; run names: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else ""
+        raise ApplianceError(f"no run {ref if ref.isdigit() else repr(ref)}: give a run id, `last` or a run name (see `appliance runs`){known}")
+    return rows[0]["id"]

@@ -1,0 +1,126 @@
+"""`appliance browse`: Datasette over the appliance database, read-only, on loopback only, offline.
+
+Datasette serves its own CSS and JavaScript from its package (no CDN), and it runs in the CLI's
+process, so the offline guard the CLI arms stays armed while it serves. Every connection it opens to
+the database is `mode=ro` and `PRAGMA query_only`, so neither a crafted query nor a plugin can write.
+The metadata (table and column descriptions, facets, canned queries) lives in `datasette.yaml`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from datasette import hookimpl
+
+from ..errors import ApplianceError
+from ..store.database import Store
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8001
+METADATA_FILE = Path(__file__).with_name("datasette.yaml")
+
+
+class BrowseError(ApplianceError):
+    """The database cannot be served as asked (a busy port, no database)."""
+
+
+def metadata(db_name: str) -> dict[str, Any]:
+    """Datasette metadata for the database Datasette names `db_name` (the file's stem)."""
+    data = yaml.safe_load(METADATA_FILE.read_text(encoding="utf-8"))
+    database = {"tables": data.pop("tables"), "queries": data.pop("queries")}
+    return {**data, "databases": {db_name: database}}
+
+
+def targets_json(config_json: str | None) -> str:
+    """SQL function `appliance_targets(config_json)`: the examples a task run's spec asks for, as a JSON
+    array of {task, label, target} ([] for other runs), so a canned query can put kept against target."""
+    from .report import spec_targets
+
+    try:
+        config = json.loads(config_json or "{}")
+        return json.dumps([{"task": t, "label": label, "target": n} for (t, label), n in spec_targets(config).items()])
+    except Exception:  # a SQL function must not raise: an unreadable config has no targets
+        return "[]"
+
+
+@hookimpl
+def prepare_connection(conn: sqlite3.Connection, database: str, datasette: Any) -> None:
+    """Datasette hook: make the connections to the appliance database read-only and give them
+    `appliance_targets` (other databases and Datasette instances in the process are left alone)."""
+    if database != getattr(datasette, "appliance_db", None):  # not ours, or Datasette's own _internal catalog
+        return
+    conn.execute("PRAGMA query_only = 1")
+    conn.create_function("appliance_targets", 1, targets_json, deterministic=True)
+
+
+def _register_plugin() -> None:
+    from datasette.plugins import pm
+
+    if pm.get_plugin(__name__) is None:
+        pm.register(sys.modules[__name__], __name__)
+
+
+def check_database(path: Path) -> Path:
+    """The database file, checked the way every read-only command checks it (exists, is SQLite)."""
+    Store(path, readonly=True).close()
+    return path.resolve()
+
+
+def make_datasette(path: Path) -> Any:
+    """A Datasette instance serving `path` read-only with the appliance's metadata."""
+    from datasette.app import Datasette
+
+    path = check_database(path)
+    _register_plugin()
+    ds = Datasette(
+        files=[str(path)],
+        metadata=metadata(path.stem),
+        settings={"sql_time_limit_ms": 3000, "facet_time_limit_ms": 500, "allow_download": False},
+    )
+    ds.appliance_db = path.stem
+    return ds
+
+
+def bind(port: int) -> socket.socket:
+    """A listening socket on the loopback address; a busy port is a one-line error, not a traceback."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((HOST, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise BrowseError(f"port {port} on {HOST} is already in use (another `appliance browse`?); "
+                              "choose one with --port") from None
+        raise BrowseError(f"cannot listen on {HOST}:{port}: {exc.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(path: Path, port: int = DEFAULT_PORT, open_browser: bool = False, on_ready: Any = None) -> None:
+    """Serve until interrupted. `on_ready(url)` is called once the socket listens."""
+    import uvicorn
+
+    ds = make_datasette(path)
+    sock = bind(port)
+    url = f"http://{HOST}:{sock.getsockname()[1]}/"
+    if on_ready:
+        on_ready(url)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    config = uvicorn.Config(ds.app(), log_level="warning", lifespan="on")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: uvicorn has shut down; nothing was written, nothing to resume
+        pass
+    finally:
+        sock.close()
