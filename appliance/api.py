@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import offline as _offline
-from .recipes.run import RunSummary, run_file
+from .launch import run_file
+from .runs.summary import RunSummary
 from .tasks.evaluate import EvalResult, evaluate
 from .events import RunEvents
 from .export import ExportResult, export_run
@@ -29,7 +30,7 @@ from .runs.generate import GenerateOptions, GenerateResult, generate
 from .models.registry import ModelRecord, Registry
 from .prompts.files import load_prompt
 from .prompts.schema import load_json_schema
-from .store.database import Store, default_db_path
+from .store import Store, default_db_path
 
 
 class Appliance:

@@ -84,7 +84,7 @@ def worker_engine(model: str, n_parallel: int | None) -> dict:
     from appliance.models.gguf import read_gguf
     from appliance.plan.hardware import detect_hardware
     from appliance.plan.planner import make_plan
-    from appliance.store.database import Store, Writer, utcnow
+    from appliance.store import Store, Writer, utcnow
 
     prompts = workload()
     prefix, suffix = count_prompt_tokens(model, prompts)
@@ -180,12 +180,11 @@ def worker_server(model: str, binary: str, n_parallel: int) -> dict:
 
 
 def worker_ceiling(model: str, n: int) -> dict:
-    """Decode-only: the shared prefix once, copied to N sequences, each suffix, then MAX_TOKENS steps of
-    one token per sequence with logits, never sampled (a fixed token is fed back). `seconds` times the
-    steps only (as llama-batched-bench's S_TG); `prompt_s` times the prompt decodes, for the
-    same job's rate (the prefix once, N_REQUESTS / N waves of suffixes and steps)."""
-    import llama_cpp as ll
-
+    """Decode-only (`appliance.engine.ceiling.decode_only_rate`): the shared prefix once, copied to N
+    sequences, each suffix, then MAX_TOKENS steps of one token per sequence with logits, never sampled.
+    `seconds` times the steps only (as llama-batched-bench's S_TG); `prompt_s` times the prompt decodes
+    of the same job (the prefix once, N_REQUESTS / N waves of suffixes and steps), for its rate."""
+    from appliance.engine.ceiling import decode_only_rate
     from appliance.engine.engine import Engine
     from appliance.engine.llama import count_prompt_tokens
     from appliance.models.gguf import read_gguf
@@ -197,31 +196,11 @@ def worker_ceiling(model: str, n: int) -> dict:
     plan = make_plan(read_gguf(model), detect_hardware(), n_parallel=n, prefix_tokens=prefix,
                      seq_tokens=suffix + MAX_TOKENS, max_parallel=n).require()
     with Engine(model, plan) as engine:
-        toks = [engine.tokenize(p) for p in prompts]
-        t0 = time.perf_counter()
-        engine._decode_prefix(toks[0][:prefix])
-        t1 = time.perf_counter()
-        for seq in range(n):
-            ll.llama_memory_seq_cp(engine.mem, engine.holder, seq, -1, -1)
-        engine._batch_clear()
-        for seq, t in enumerate(toks):
-            for j, tok in enumerate(t[prefix:]):
-                engine._batch_add(tok, prefix + j, seq, j == len(t) - prefix - 1)
-        assert engine._decode() == 0
-        suffix_s = time.perf_counter() - t1
-        pos = [len(t) for t in toks]
-        feed = toks[0][-1]
-        start = time.perf_counter()
-        for _ in range(MAX_TOKENS):
-            engine._batch_clear()
-            for seq in range(n):
-                engine._batch_add(feed, pos[seq], seq, True)
-                pos[seq] += 1
-            assert engine._decode() == 0
-        seconds = time.perf_counter() - start
-    prompt_s = (t1 - t0) + N_REQUESTS / n * suffix_s  # the prefix once, a wave of suffixes per N requests
-    job_s = prompt_s + N_REQUESTS / n * seconds
-    return {"tokens": n * MAX_TOKENS, "seconds": seconds, "peak_rss": peak_rss(), "n_parallel": n,
+        rate = decode_only_rate(engine, prompts, n, MAX_TOKENS)
+    waves = N_REQUESTS / n
+    prompt_s = rate["prefix_s"] + waves * rate["suffix_s"]  # the prefix once, a wave of suffixes per N requests
+    job_s = prompt_s + waves * rate["gen_s"]
+    return {"tokens": n * MAX_TOKENS, "seconds": rate["gen_s"], "peak_rss": peak_rss(), "n_parallel": n,
             "prompt_s": prompt_s, "job_tok_s": N_REQUESTS * MAX_TOKENS / job_s}
 
 

@@ -16,7 +16,7 @@ from appliance.prompts.chat import (
     load_chat_template,
     merge_system,
 )
-from appliance.engine.llama import Vocab, _tokenize
+from appliance.engine.llama import Vocab, tokenize
 from appliance.errors import ChatTemplateError
 from appliance.prompts.files import load_prompt, parse_prompt
 
@@ -224,7 +224,7 @@ def test_bos_in_rendered_text_and_the_tokenizer(smollm2_model: Path, smollm2_tem
     text = smollm2_template.render([SYSTEM, Q1])
     with Vocab(smollm2_model) as vocab:
         # SmolLM2's BOS is <|im_start|> and its vocabulary adds none: the template's first token is the only one
-        with_special, without = _tokenize(vocab.vocab, text, add_special=True), _tokenize(vocab.vocab, text, add_special=False)
+        with_special, without = tokenize(vocab.vocab, text, add_special=True), tokenize(vocab.vocab, text, add_special=False)
         assert with_special == without and with_special[0] == 1 and with_special[1] != 1
         assert with_special.count(1) == 3  # <|im_start|> parsed as one special token per turn (system, user, assistant)
     gemma = load_chat_template(demo_model, "gemma", "demo")
@@ -232,11 +232,11 @@ def test_bos_in_rendered_text_and_the_tokenizer(smollm2_model: Path, smollm2_tem
     text = gemma.render([Q1])
     assert text.startswith("<bos>")
     with Vocab(demo_model) as vocab:
-        doubled = _tokenize(vocab.vocab, text, add_special=True)  # Gemma's vocabulary adds a BOS, the template wrote one
+        doubled = tokenize(vocab.vocab, text, add_special=True)  # Gemma's vocabulary adds a BOS, the template wrote one
         assert doubled[:2] == [2, 2]
         add_bos = not (gemma.bos_token and text.startswith(gemma.bos_token))
-        single = _tokenize(vocab.vocab, text, add_special=add_bos)
+        single = tokenize(vocab.vocab, text, add_special=add_bos)
         assert single[0] == 2 and single[1] != 2 and single == doubled[1:]
         # a template without {{ bos_token }} leaves the BOS to the vocabulary
         plain = ChatTemplate(BUILTIN_TEMPLATES["chatml"], "builtin:chatml", "demo", "<bos>", "<eos>").render([Q1])
-        assert _tokenize(vocab.vocab, plain, add_special=not plain.startswith("<bos>"))[0] == 2
+        assert tokenize(vocab.vocab, plain, add_special=not plain.startswith("<bos>"))[0] == 2

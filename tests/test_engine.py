@@ -12,7 +12,7 @@ import pytest
 
 from appliance.engine import llama as llama_module
 from appliance.engine.engine import Engine, Request, SamplingParams
-from appliance.engine.llama import decode_only_rate
+from appliance.engine.ceiling import decode_only_rate
 from appliance.errors import GenerationError
 from appliance.engine.grammar import Grammar, GrammarError
 from appliance.models.gguf import read_gguf
@@ -138,16 +138,16 @@ def test_prompt_longer_than_context_is_refused_before_decoding(engines):
 
 def test_decode_without_kv_room_shrinks_the_batch_and_loses_nothing(engines, monkeypatch):
     engine = engines(4)
-    real = engine._decode
+    real = engine.batch.decode
     calls = {"n": 0}
 
-    def flaky() -> int:
+    def flaky(stats) -> int:
         calls["n"] += 1
         if calls["n"] == 3:  # after the shared prefix and the first step: "no KV slot for this batch"
             return 1
-        return real()
+        return real(stats)
 
-    monkeypatch.setattr(engine, "_decode", flaky)
+    monkeypatch.setattr(engine.batch, "decode", flaky)
     prompts = [FEWSHOT.format(w=w) for w in WORDS[:6]]
     out = run(engine, prompts, SamplingParams(temperature=0, max_tokens=6, stop=["\n"]))
     assert sorted(out) == list(range(6))
@@ -358,7 +358,7 @@ def test_llama_log_lines_of_an_earlier_call_are_not_quoted(engines):
     engine = engines(2)
     llama_module._LOG_LINES.append("llama_decode: failed to find a memory slot (stale line)\n")
     list(engine.generate([Request(key=0, prompt="Hi", seed=1)], SamplingParams(max_tokens=2)))
-    assert "stale line" not in llama_module._last_error_line()
+    assert "stale line" not in llama_module.last_error_line()
 
 
 def test_decode_only_rate_measures_the_kernel(engines):
@@ -390,12 +390,12 @@ def test_numpy_candidates_draw_exactly_what_llama_sampler_sample_draws(engines, 
 def test_top_candidates_always_hold_the_k_largest():
     import numpy as np
 
-    from appliance.engine.types import _top_candidates
+    from appliance.engine.sampling import top_candidates
 
     rng = np.random.default_rng(0)
     for spread in (0.5, 5.0, 50.0):  # many near the top (margin suffices) to a few far apart (exact partition)
         row = (rng.standard_normal(5000) * spread).astype(np.float32)
         row[rng.integers(0, 5000, 100)] = -np.inf
         for k in (1, 40, 300):
-            cand = _top_candidates(row, k)
+            cand = top_candidates(row, k)
             assert np.sort(row[cand])[-k:].tolist() == np.sort(row)[-k:].tolist()

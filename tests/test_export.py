@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.export import (
-    FORMATS,
-    Example,
-    ExportError,
-    dataset_card,
-    parse_split_spec,
-    split_examples,
-    to_record,
-    write_jsonl,
-)
+from appliance.data.card import dataset_card
+from appliance.data.examples import FORMATS, Example, ExportError, to_record, write_jsonl
+from appliance.data.splits import parse_split_spec, split_examples
 from appliance.store.database import Store
 
 WITH_SYSTEM = Example(

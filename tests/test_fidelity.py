@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ApplianceError
-from appliance.recipes.fidelity import FIDELITY_BASE, FidelityError, Check, check_items, grammar, labels, load_checks, rates, uninformative, verdict
+from appliance.recipes.fidelity import FIDELITY_BASE, FidelityError, Check, check_items, grammar, load_checks, uninformative, verdict
+from appliance.runs.summary import fidelity_labels as labels, fidelity_rates as rates
 from appliance.prompts.files import parse_prompt
 from appliance.recipes.recipe import load_recipe
 from appliance.store.database import Store

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
-from appliance.recipes.run import _ENV
+from appliance.recipes.judge import INSTRUCTION_ENV
 from appliance.errors import RunInterrupted, with_article
 from appliance.recipes.recipe import load_recipe
 from appliance.store.database import Store, utcnow
@@ -285,7 +285,7 @@ def test_articles_read_right(run_cli, workdir):
             continue
         axes = sorted(recipe.axes.items())
         for combo in itertools.product(*(values for _, values in axes)):
-            text = _ENV.from_string(recipe.instruction).render(**dict(zip((k for k, _ in axes), combo)))
+            text = INSTRUCTION_ENV.from_string(recipe.instruction).render(**dict(zip((k for k, _ in axes), combo)))
             assert not re.search(r"\ba [aeiou]", text, re.I), f"{path.name}: {text}"
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from appliance.recipes.run import judge, run_recipe
+from appliance.recipes.judge import judge
+from appliance.recipes.run import run_recipe
 from appliance.errors import RunInterrupted
 from appliance.events import RunEvents
 from appliance.recipes.fidelity import FIDELITY_BASE

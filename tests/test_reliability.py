@@ -167,16 +167,16 @@ def test_readers_and_a_second_writer_while_a_run_writes(workdir):
 
 def test_decode_failure_marks_the_run_failed_and_keeps_earlier_rows(run_cli, demo_model, monkeypatch):
     """llama.cpp failing mid-run (here: llama_decode returning an error after some outputs)."""
-    from appliance.engine.engine import Engine
+    from appliance.engine.batch import Batch
 
-    real = Engine._decode
+    real = Batch.decode
     calls = {"n": 0}
 
-    def failing(self):
+    def failing(self, stats):
         calls["n"] += 1
-        return -3 if calls["n"] > 40 else real(self)
+        return -3 if calls["n"] > 40 else real(self, stats)
 
-    monkeypatch.setattr(Engine, "_decode", failing)
+    monkeypatch.setattr(Batch, "decode", failing)
     result = run_cli("generate", "prompts/product-review.md", "-m", str(demo_model), "-n", "12", "--max-tokens", "24",
                      "--parallel", "2", "--seed", "1", ok=False)
     assert result.exit_code == 1

@@ -6,7 +6,8 @@ import pytest
 import sqlite_utils
 
 from appliance.errors import StoreError
-from appliance.store.database import MIGRATIONS, Store, Writer
+from appliance.store import Store, Writer
+from appliance.store.migrations import MIGRATIONS
 
 
 def test_new_database_is_migrated_private_and_in_wal(tmp_path):

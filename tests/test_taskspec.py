@@ -19,7 +19,6 @@ from appliance.prompts.files import parse_prompt
 from appliance.tasks.prompts import (
     copied_scaffold,
     format_output,
-    grammar_parses,
     output_grammar,
     output_schema,
     parse_input,
@@ -28,10 +27,10 @@ from appliance.tasks.prompts import (
     render_task_prompt,
     stop_strings,
 )
+from appliance.engine.grammar import gbnf_parses as grammar_parses
+from appliance.tasks.kinds import INPUT_PROMPT_VARIABLES, ClassifyTask
 from appliance.tasks.spec import (
-    INPUT_PROMPT_VARIABLES,
     Balance,
-    ClassifyTask,
     TaskSpec,
     TaskSpecError,
     label_targets,

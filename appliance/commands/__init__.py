@@ -7,7 +7,7 @@ import click
 
 
 def open_store(ctx: click.Context, readonly: bool = False):
-    from ..store.database import Store
+    from ..store import Store
 
     return Store(ctx.obj["db"], readonly=readonly)
 

@@ -1,66 +1,19 @@
-"""Where a dataset came from: software versions and the model, prompt and recipe behind a run, written
-into the run row when it starts and into every dataset card.
-"""
+"""The dataset card: a Markdown page beside the exported files with counts per split and label, lengths,
+drops per filter, fidelity, three examples as text, and where the data came from (software versions, the
+model, prompt and recipe behind the run; the prompt texts in an appendix)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import sqlite3
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+import re
+import statistics
+from typing import Any
 
-from ..version import VERSION as __version__
-
-if TYPE_CHECKING:
-    from ..export import Example
-    from ..store.database import Store
+from ..store import Store
+from .examples import Example
 
 
-@lru_cache(maxsize=1)
-def llama_cpp_version() -> str | None:
-    """The installed llama-cpp-python (which pins the llama.cpp it builds), read without loading it."""
-    try:
-        return importlib.metadata.version("llama_cpp_python")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def run_fields(conn: sqlite3.Connection, model_id: int | None, prompt_id: int | None) -> dict[str, Any]:
-    """The provenance columns of a new run row (migration 5)."""
-    fields: dict[str, Any] = {"appliance_version": __version__, "llama_cpp_version": llama_cpp_version()}
-    if model_id is not None:
-        row = conn.execute("SELECT path, file_type, n_params FROM models WHERE id = ?", [model_id]).fetchone()
-        if row:
-            fields.update(model_file=row[0].replace("\\", "/").rsplit("/", 1)[-1], model_quant=row[1], model_params=row[2])
-    if prompt_id is not None:
-        row = conn.execute("SELECT sha256 FROM prompts WHERE id = ?", [prompt_id]).fetchone()
-        if row:
-            fields["prompt_sha256"] = row[0]
-    return fields
-
-
-def cross_split_duplicates(splits: dict[str, list["Example"]], threshold: float = 0.8) -> tuple[int, int]:
-    """(examples with a near duplicate in another split, examples): measured on the text splits are
-    de-duplicated on, MinHash Jaccard at `threshold`."""
-    from ..export import dedup_text
-    from .filters import NearDuplicateIndex
-
-    index = NearDuplicateIndex(threshold=threshold)
-    split_of: dict[str, str] = {}
-    for name, part in splits.items():
-        for ex in part:
-            key = f"{name}\x00{ex.id}"
-            split_of[key] = name
-            index.insert(key, dedup_text(ex))
-    crossing = 0
-    for name, part in splits.items():
-        for ex in part:
-            crossing += any(split_of[m.key] != name for m in index.matches(dedup_text(ex)))
-    return crossing, sum(len(p) for p in splits.values())
-
-
-def card_lines(store: "Store", run_id: int) -> list[str]:
+def card_lines(store: Store, run_id: int) -> list[str]:
     """The card's provenance section: model, prompt and recipe hashes, sampling, versions, dates."""
     run = store.rows(
         "SELECT r.*, m.name AS model_name, m.sha256 AS model_file_sha256, p.name AS prompt_name, p.sha256 AS prompt_hash "
@@ -89,9 +42,111 @@ def _sampling(params: dict[str, Any]) -> str:
     return "; ".join(parts) or "-"
 
 
-def prompts_used(store: "Store", run_id: int) -> list[dict[str, Any]]:
+def prompts_used(store: Store, run_id: int) -> list[dict[str, Any]]:
     """The prompt files behind a run's generations (its own prompt first), for the card's appendix."""
     return store.rows(
         "SELECT p.name, p.sha256, p.source_path, p.text FROM prompts p WHERE p.id IN ("
         "SELECT prompt_id FROM runs WHERE id = ? UNION SELECT DISTINCT prompt_id FROM generations WHERE run_id = ?) "
         "ORDER BY p.id = (SELECT prompt_id FROM runs WHERE id = ?) DESC, p.id", [run_id, run_id, run_id])
+
+
+def _fence(text: str) -> str:
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _text_block(title: str, text: str, limit: int = 1500) -> list[str]:
+    if len(text) > limit:
+        text = text[:limit].rstrip() + f"\n[... {len(text) - limit} more characters]"
+    fence = _fence(text)
+    return [f"**{title}**", "", f"{fence}text", text, fence, ""]
+
+
+def _length_row(field: str, values: list[int]) -> str:
+    if not values:
+        return f"| {field} | - | - | - | - |"
+    return (
+        f"| {field} | {min(values)} | {statistics.median(values):g} | {statistics.fmean(values):.1f} | {max(values)} |"
+    )
+
+
+def dataset_card(
+    name: str,
+    splits: dict[str, list[Example]],
+    drops: dict[str, int],
+    fmt: str,
+    extra: dict[str, Any] | None = None,
+    *,
+    fidelity: dict[str, tuple[int, int]] | None = None,
+    provenance: list[str] | None = None,
+    prompts: list[dict[str, Any]] | None = None,
+) -> str:
+    """A Markdown card: counts per split, label and group; word-length statistics; drops per filter (each
+    dropped example under the first filter it failed); the fidelity rate per checked axis; three examples
+    as plain text; provenance lines; the prompt texts in an appendix. `extra` adds lines such as the run."""
+    everything = [ex for split in splits.values() for ex in split]
+    total = len(everything)
+    lines = [f"# {name}", "", f"- format: `{fmt}`", f"- examples: {total}"]
+    lines += [f"- {key}: {value}" for key, value in (extra or {}).items()]
+    lines += ["", "## Splits", "", "| split | examples | share | groups |", "| --- | ---: | ---: | ---: |"]
+    for split_name, split in splits.items():
+        share = f"{len(split) / total:.1%}" if total else "-"
+        groups = len({("group", ex.group) if ex.group is not None else ("example", ex.id) for ex in split})
+        lines.append(f"| {split_name} | {len(split)} | {share} | {groups} |")
+
+    labels = sorted({ex.label for ex in everything if ex.label is not None})
+    if labels:
+        lines += ["", "## Labels", "", f"| label | {' | '.join(splits)} | total |"]
+        lines.append("| --- |" + " ---: |" * (len(splits) + 1))
+        for label in labels:
+            per_split = [sum(ex.label == label for ex in split) for split in splits.values()]
+            lines.append(f"| {label} | {' | '.join(map(str, per_split))} | {sum(per_split)} |")
+
+    lines += [
+        "",
+        "## Lengths (words)",
+        "",
+        "| field | min | median | mean | max |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines.append(_length_row("instruction", [len(ex.instruction.split()) for ex in everything]))
+    if any(ex.input for ex in everything):
+        lines.append(_length_row("input", [len(ex.input.split()) for ex in everything]))
+    lines.append(_length_row("output", [len(ex.output.split()) for ex in everything]))
+
+    lines += ["", "## Dropped by filters", ""]
+    if any(drops.values()):
+        lines += ["| filter | dropped |", "| --- | ---: |"]
+        lines += [f"| {f} | {n} |" for f, n in sorted(drops.items(), key=lambda kv: (-kv[1], kv[0])) if n]
+    else:
+        lines.append("Nothing was dropped.")
+    lines.append("")
+    lines.append("Each dropped example is counted once, under the first filter it failed.")
+
+    if fidelity:
+        lines += ["", "## Fidelity", "", "Each output re-labelled by the model under a grammar over the axis's values; "
+                  "outputs labelled otherwise than asked were dropped.", "",
+                  "| axis | labelled as asked | checked | rate |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {axis} | {hit} | {n} | {hit / n:.1%} |" if n else f"| {axis} | 0 | 0 | - |" for axis, (hit, n) in fidelity.items()]
+
+    if provenance:
+        lines += ["", "## Provenance", "", *provenance]
+
+    lines += ["", "## Examples", ""]
+    shown = [(split_name, ex) for split_name, split in splits.items() for ex in split][:3]
+    for number, (split_name, ex) in enumerate(shown, start=1):
+        label = f", label {ex.label}" if ex.label is not None else ""
+        lines += [f"### Example {number} ({split_name}, id {ex.id}{label})", ""]
+        if ex.system is not None:
+            lines += _text_block("System", ex.system)
+        lines += _text_block("Instruction", ex.instruction)
+        if ex.input:
+            lines += _text_block("Input", ex.input)
+        lines += _text_block("Output", ex.output)
+    if not shown:
+        lines.append("No examples.")
+    if prompts:
+        lines += ["", "## Appendix: prompts", ""]
+        for p in prompts:
+            lines += _text_block(f"{p['name']} (sha256 {p['sha256']})", p["text"], limit=20000)
+    return "\n".join(lines).rstrip() + "\n"

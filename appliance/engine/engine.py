@@ -28,43 +28,19 @@ import ctypes
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 from ..errors import GenerationError
-from .types import Completion, EngineStats, Request, SamplingParams, _token_data, _top_candidates
-from .llama import _common_prefix, _install_log_capture, _last_error_line, _tokenize, reset_log
+from .types import Completion, EngineStats, Request, SamplingParams
+from .llama import common_prefix, install_log_capture, last_error_line, load_model, new_context, reset_log, tokenize
+from .batch import Batch
 from .grammar import Constrainer, Constraint, Grammar, GrammarError, as_grammar
+from .sampling import Sampler
+from .slots import Slot, shared_start, worth
 
-@dataclass
-class _Slot:
-    seq: int
-    request: Request | None = None
-    index: int = -1  # the request's index in generate()'s list
-    params: SamplingParams | None = None
-    tokens: list[int] = field(default_factory=list)  # prompt
-    ids: Any = None  # the prompt as a numpy array, to compare other prompts' first tokens with
-    pending: list[int] = field(default_factory=list)  # prompt tokens still to decode (then tokens forced before sampling)
-    prompt_left: int = 0  # how many of `pending` are the prompt's
-    feed: list[int] = field(default_factory=list)  # sampled (and forced) tokens to decode next; logits for the last
-    pos: int = 0
-    n_out: int = 0
-    out: bytearray = field(default_factory=bytearray)
-    sampler: Any = None
-    fast: bool = False  # drawn by Engine._draw from numpy candidates, accepted once (else llama_sampler_sample)
-    constraint: Constraint | None = None
-    waiting: bool = False  # for `donor` to decode the first `share` tokens of this prompt, to copy its cells
-    donor: Any = None  # the running sequence (a _Slot) this one waits for, while it runs `donor_request`
-    donor_request: Any = None
-    share: int = 0
-    started: float = 0.0
-    finish: str | None = None  # "eos" when the model or the grammar ends the sequence
-
-
-REUSE_MIN = 8  # prompt tokens worth copying from another sequence's cells instead of decoding them
-_FORCED_MAX = 64  # forced tokens appended per step at most (they must fit one batch with everyone else's)
+FORCED_MAX = 64  # forced tokens appended per step at most (they must fit one batch with everyone else's)
 
 
 class Engine:
@@ -86,47 +62,27 @@ class Engine:
         self.grammar = self._grammar(grammar)
         self.stats = EngineStats()  # this engine's life (model loads included)
         self.last = EngineStats()  # the latest generate() call
-        _install_log_capture()
+        install_log_capture()
         reset_log()
         start = time.perf_counter()
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        for key, value in plan.model_params().items():
-            setattr(mparams, key, value)
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not self.model:
-            detail = _last_error_line()
-            raise GenerationError(
-                f"llama.cpp could not load {model_path}" + (f": {detail}" if detail else "")
-                + " (check the file with `appliance models inspect`, or try a smaller --gpu-layers)"
-            )
+        self.model = load_model(model_path, plan.model_params())
         self.holder = int(plan.n_parallel)  # the extra sequence (plan.n_seq_max = n_parallel + 1) holding the prefix
-        cparams = llama_cpp.llama_context_default_params()
-        for key, value in plan.context_params().items():
-            setattr(cparams, key, value)
-        cparams.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            detail = _last_error_line()
+        try:
+            self.ctx = new_context(self.model, plan.context_params())
+        except GenerationError:
             self.close()
-            raise GenerationError(
-                "llama.cpp could not create a context" + (f": {detail}" if detail else "")
-                + " (try a smaller --ctx or --parallel)"
-            )
+            raise
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = int(plan.n_batch)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = Batch(llama_cpp, self.ctx, self.n_batch)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
         self._produced = 0  # output tokens appended outside a sampling step (forced at a sequence's start)
         self.fast_sampling = True  # False: every token through llama_sampler_sample (for comparisons)
-        self._cand_buf = _token_data(256)
-        self._full_buf: Any = None
-        self._cand_arr = llama_cpp.llama_token_data_array()
-        self._token_data_p = ctypes.POINTER(llama_cpp.llama_token_data)
+        self.sampling = Sampler(llama_cpp, self.ctx, self.vocab, self.n_vocab)
         self._constrainer = Constrainer(self.vocab)
         # A sequence's cells [0, n) can be copied to another while no sliding-window layer has dropped any of
         # them: always with full SWA cells or without SWA layers, else while the donor is short of the window.
@@ -140,7 +96,7 @@ class Engine:
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Tokens of a prompt; with add_bos False the text is taken as it is (a chat-rendered prompt
         carries its own BOS text, parsed as the BOS token)."""
-        return _tokenize(self.vocab, text, add_special=add_bos)
+        return tokenize(self.vocab, text, add_special=add_bos)
 
     def piece(self, token: int) -> bytes:
         cached = self._pieces.get(token)
@@ -171,97 +127,23 @@ class Engine:
         return self._grammars[value]
 
     # -- sampling -------------------------------------------------------------------------------
-    def _make_sampler(self, params: SamplingParams, seed: int, gbnf: str | None) -> Any:
-        """The sequence's chain. Only a GBNF grammar llguidance could not take goes into it (llama.cpp's
-        grammar sampler, applied to every candidate); llguidance grammars are checked after sampling."""
-        ll = self._ll
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if gbnf:
-            g = ll.llama_sampler_init_grammar(self.vocab, gbnf.encode("utf-8"), b"root")
-            if not g:
-                ll.llama_sampler_free(chain)
-                raise GrammarError("llama.cpp rejected the output grammar (see `APPLIANCE_DEBUG=1` for its log)")
-            ll.llama_sampler_chain_add(chain, g)
-        if params.repeat_penalty != 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(self.n_vocab, 64, params.repeat_penalty, 0.0, 0.0))
-        if params.temperature <= 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-            return chain
-        if params.top_k > 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(params.min_p, 1))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
-
-    def _logit_rows(self, outputs: list[tuple[_Slot, int]]) -> Any:
-        """The decode's logits as a (len(outputs), n_vocab) numpy view: llama.cpp stores the requested
-        rows contiguously in batch order, and outputs are listed in batch order."""
-        import numpy as np
-
-        ll = self._ll
-        rows = np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(len(outputs), self.n_vocab))
-        last = ctypes.cast(ll.llama_get_logits_ith(self.ctx, outputs[-1][1]), ctypes.c_void_p).value
-        if last != rows.ctypes.data + (len(outputs) - 1) * self.n_vocab * 4:
-            raise GenerationError("internal error: llama.cpp's logits rows are not in batch order")
-        return rows
-
-    def _sample(self, slot: _Slot, idx: int, row: Any) -> int:
+    def _sample(self, slot: Slot, idx: int, row: Any) -> int:
         """Sample with the sequence's own chain; a grammar checks only the token drawn, and only when it
         rejects it are the logits masked and the token drawn again (as llama.cpp's common_sampler_sample
         does: the same distribution as sampling from the masked logits)."""
         ll = self._ll
-        tok = self._draw(slot, idx, row)
+        tok = self.sampling.draw(slot.sampler, slot.fast, slot.params, idx, row)
         c = slot.constraint
         if c is not None and not c.allows(tok, ll.llama_vocab_is_eog(self.vocab, tok)):
             self.last.grammar_resamples += 1
             if c.mask_logits(row) == 0:
                 raise GrammarError("the output grammar allows no token here (a grammar that can never end?)")
-            tok = self._draw(slot, idx, row)
+            tok = self.sampling.draw(slot.sampler, slot.fast, slot.params, idx, row)
             if not c.allows(tok, ll.llama_vocab_is_eog(self.vocab, tok)):  # a chain that kept only -inf candidates
                 tok = int(row.argmax())
         if slot.fast:
             ll.llama_sampler_accept(slot.sampler, tok)
         return tok
-
-    def _draw(self, slot: _Slot, idx: int, row: Any) -> int:
-        """One token from the chain, not yet accepted (a grammar may reject it). llama_sampler_sample
-        copies all n_vocab logits into a fresh candidate array (~1 ms for 262k, mostly page faults) and
-        accepts what it draws; a chain that starts with top-k sees the same candidates when given only
-        the row's top entries (found with numpy in ~0.1 ms), and greedy is the row's argmax."""
-        if not slot.fast:
-            return self._ll.llama_sampler_sample(slot.sampler, self.ctx, idx)  # accepts the token itself
-        p = slot.params
-        if p.repeat_penalty == 1.0 and p.temperature <= 0:
-            return int(row.argmax())
-        if p.repeat_penalty == 1.0 and p.top_k > 0:
-            cand = _top_candidates(row, p.top_k)
-            data = self._cand_buf
-            if len(data) < len(cand):
-                data = self._cand_buf = _token_data(len(cand))
-            data = data[: len(cand)]
-            data["id"] = cand
-            data["logit"] = row[cand]
-        else:  # penalties change logits before top-k, or no top-k: the whole vocabulary, as llama.cpp does
-            import numpy as np
-
-            if self._full_buf is None:
-                self._full_buf = _token_data(self.n_vocab)
-                self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
-            data = self._full_buf
-            data["id"] = self._all_ids  # again each time: the samplers sort the array in place
-            data["logit"] = row
-        data["p"] = 0.0
-        arr = self._cand_arr
-        arr.data = ctypes.cast(data.ctypes.data, self._token_data_p)
-        arr.size, arr.selected, arr.sorted = len(data), -1, False
-        self._ll.llama_sampler_apply(slot.sampler, ctypes.byref(arr))
-        if not 0 <= arr.selected < len(data):
-            raise GenerationError("internal error: the sampler chain selected no token")
-        return int(data["id"][arr.selected])
 
     # -- generation -----------------------------------------------------------------------------
     def generate(
@@ -304,7 +186,7 @@ class Engine:
                 )
         for g in {g for g in grammars if g is not None and g.kind == "llguidance"}:
             self._constraint(g)  # compile each grammar once now: a bad one fails before any decoding
-        prefix = _common_prefix(toks)
+        prefix = common_prefix(toks)
         longest = max(len(t) for t in toks)
         max_new = max(p.max_tokens for p in params)
         n_par = max(1, min(n_parallel or self.holder, self.holder, len(requests)))
@@ -313,11 +195,11 @@ class Engine:
         self._reuse_cells = share_prompts
         ll = self._ll
         ll.llama_memory_clear(self.mem, True)
-        self._decode_prefix(toks[0][:prefix])
+        self.decode_prefix(toks[0][:prefix])
         self.last.shared_prefix_tokens = prefix
 
         queue = deque(sorted(range(len(requests)), key=lambda i: toks[i]))  # prompts that begin alike run one after another, to share cells
-        slots = [_Slot(seq=i) for i in range(n_par)]
+        slots = [Slot(seq=i) for i in range(n_par)]
         try:
             while queue or any(s.request for s in slots):
                 for slot in slots:
@@ -352,16 +234,16 @@ class Engine:
         self.last.grammar_init_seconds += self._constrainer.init_seconds - before
         return c
 
-    def _decode_prefix(self, prefix: list[int]) -> None:
+    def decode_prefix(self, prefix: list[int]) -> None:
         for start in range(0, len(prefix), self.n_batch):
             chunk = prefix[start : start + self.n_batch]
-            self._batch_clear()
+            self.batch.clear()
             for j, tok in enumerate(chunk):
-                self._batch_add(tok, start + j, self.holder, False)
-            self._decode_or_raise()
+                self.batch.add(tok, start + j, self.holder, False)
+            self.batch.decode_or_raise(self.last)
             self.last.prompt_tokens += len(chunk)
 
-    def _start(self, slot: _Slot, slots: list[_Slot], index: int, request: Request, tokens: list[int], prefix: int,
+    def _start(self, slot: Slot, slots: list[Slot], index: int, request: Request, tokens: list[int], prefix: int,
                params: SamplingParams, grammar: Grammar | None) -> None:
         import numpy as np
 
@@ -381,7 +263,7 @@ class Engine:
         slot.pending = tokens[start:]
         slot.pos, slot.n_out, slot.out, slot.feed = start, 0, bytearray(), []
         gbnf = grammar.text if grammar and grammar.kind == "gbnf" else None
-        slot.sampler = self._make_sampler(params, request.seed, gbnf)
+        slot.sampler = self.sampling.chain(params, request.seed, gbnf)
         slot.fast = self.fast_sampling and gbnf is None
         slot.constraint = self._constraint(grammar) if grammar and grammar.kind == "llguidance" else None
         slot.prompt_left = len(slot.pending)
@@ -398,7 +280,7 @@ class Engine:
             self._wait_for_donor(slot, slots, start)
         slot.started = time.perf_counter()
 
-    def _reusable(self, slot: _Slot, slots: list[_Slot], ids: Any, prefix: int) -> tuple[int, _Slot | None]:
+    def _reusable(self, slot: Slot, slots: list[Slot], ids: Any, prefix: int) -> tuple[int, Slot | None]:
         """The longest start of `tokens` beyond the shared prefix whose cells a sequence holds (a running one,
         or one that finished and keeps its cells until its slot is reused, this slot included), and that
         sequence; (prefix, None) when none shares at least REUSE_MIN more tokens. Prompts that share a
@@ -413,18 +295,18 @@ class Engine:
             held = min(s.pos, len(s.ids), last)  # cells [0, held) hold s's prompt tokens
             if held <= best or s.pos >= self._reuse_limit:
                 continue
-            n = _shared_start(s.ids, ids, held)
-            if n > best and _worth(n, prefix, last):
+            n = shared_start(s.ids, ids, held)
+            if n > best and worth(n, prefix, last):
                 best, donor = n, s
         return best, donor
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         if slot.sampler is not None:
             self._ll.llama_sampler_free(slot.sampler)
         slot.sampler, slot.request, slot.constraint, slot.finish = None, None, None, None
         slot.feed, slot.pending, slot.waiting, slot.donor, slot.donor_request = [], [], False, None, None
 
-    def _wait_for_donor(self, slot: _Slot, slots: list[_Slot], start: int) -> None:
+    def _wait_for_donor(self, slot: Slot, slots: list[Slot], start: int) -> None:
         """When a running sequence is about to decode more of this prompt's first tokens than any sequence
         holds (the same prompt: k samples of one input; the same instructions: the first wave of a task),
         wait for it instead of decoding them a second time in the same batch."""
@@ -438,13 +320,13 @@ class Engine:
             ahead = min(len(s.tokens), last)  # the prompt cells s will hold once its prompt is decoded
             if ahead <= best or s.pos >= ahead:  # (a donor that already holds them was taken by _reusable)
                 continue
-            n = _shared_start(s.ids, slot.ids, ahead)
-            if n > best and _worth(n, start, last):
+            n = shared_start(s.ids, slot.ids, ahead)
+            if n > best and worth(n, start, last):
                 best, donor = n, s
         if donor is not None:
             slot.waiting, slot.donor, slot.donor_request, slot.share = True, donor, donor.request, best
 
-    def _share(self, slots: list[_Slot]) -> None:
+    def _share(self, slots: list[Slot]) -> None:
         """Sequences waiting for a donor: copy its cells [0, share) once it has decoded them, and decode only
         the rest of the prompt themselves. When the donor stopped first (it ended, was handed back, or its
         grammar forced it to the end after one step, as a one-token label does), copy what any sequence holds
@@ -464,7 +346,7 @@ class Engine:
                 self._take_cells(slot, donor, n)
                 slot.waiting, slot.donor, slot.donor_request = False, None, None
 
-    def _take_cells(self, slot: _Slot, donor: _Slot, n: int) -> None:
+    def _take_cells(self, slot: Slot, donor: Slot, n: int) -> None:
         """Replace a sequence that has decoded nothing of its own prompt yet with a copy of the donor's cells
         [0, n), which hold the same first n prompt tokens; it decodes only the rest."""
         self._ll.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
@@ -474,19 +356,19 @@ class Engine:
         slot.prompt_left = len(slot.tokens) - n
         slot.pos = n
 
-    def _step(self, slots: list[_Slot], queue: deque[int], prefix: int) -> int:
+    def _step(self, slots: list[Slot], queue: deque[int], prefix: int) -> int:
         """Put every running sequence's next tokens and as much pending prompt as fits in one batch; decode;
         sample. A decode that finds no room in the KV cache shrinks the batch and retries."""
         while True:
-            self._batch_clear()
-            outputs: list[tuple[_Slot, int]] = []
-            fed: list[tuple[_Slot, int, int, bool]] = []  # slot, first pos fed, tokens fed, from the prompt
+            self.batch.clear()
+            outputs: list[tuple[Slot, int]] = []
+            fed: list[tuple[Slot, int, int, bool]] = []  # slot, first pos fed, tokens fed, from the prompt
             room = self.n_batch
             for slot in slots:
                 if slot.request is not None and slot.feed and len(slot.feed) <= room:
                     n = len(slot.feed)
                     for j, tok in enumerate(slot.feed):
-                        idx = self._batch_add(tok, slot.pos + j, slot.seq, j == n - 1)
+                        idx = self.batch.add(tok, slot.pos + j, slot.seq, j == n - 1)
                     outputs.append((slot, idx))
                     fed.append((slot, slot.pos, n, False))
                     room -= n
@@ -497,7 +379,7 @@ class Engine:
                 chunk = slot.pending[:room]
                 last_chunk = len(chunk) == len(slot.pending)
                 for j, tok in enumerate(chunk):
-                    idx = self._batch_add(tok, slot.pos + j, slot.seq, last_chunk and j == len(chunk) - 1)
+                    idx = self.batch.add(tok, slot.pos + j, slot.seq, last_chunk and j == len(chunk) - 1)
                 if last_chunk:
                     outputs.append((slot, idx))
                 fed.append((slot, slot.pos, len(chunk), True))
@@ -507,7 +389,7 @@ class Engine:
                     raise GenerationError("internal error: running sequences but nothing to decode")
                 produced, self._produced = self._produced, 0
                 return produced
-            ret = self._decode()
+            ret = self.batch.decode(self.last)
             if ret == 0:
                 break
             if ret == 1 and sum(1 for s in slots if s.request is not None) > 1:
@@ -522,7 +404,7 @@ class Engine:
                 self.last.retries.append(f"decode found no KV room for {len(slots) + 1} sequences; retried with {len(slots)}")
                 continue
             raise GenerationError(
-                f"llama_decode failed (code {ret})" + (f": {_last_error_line()}" if _last_error_line() else "")
+                f"llama_decode failed (code {ret})" + (f": {last_error_line()}" if last_error_line() else "")
                 + " (try a smaller --parallel or --ctx)"
             )
         for slot, pos, n, from_prompt in fed:
@@ -535,7 +417,7 @@ class Engine:
                 slot.feed = []
         start = time.perf_counter()
         produced = 0
-        rows = self._logit_rows(outputs) if outputs else None
+        rows = self.sampling.logit_rows(len(outputs), outputs[-1][1]) if outputs else None
         for j, (slot, idx) in enumerate(outputs):
             produced += self._advance(slot, self._sample(slot, idx, rows[j]))
         self.last.sample_seconds += time.perf_counter() - start
@@ -543,7 +425,7 @@ class Engine:
         produced, self._produced = produced + self._produced, 0
         return produced
 
-    def _advance(self, slot: _Slot, tok: int) -> int:
+    def _advance(self, slot: Slot, tok: int) -> int:
         """Append a sampled token and then the grammar's forced tokens; returns how many were appended."""
         slot.n_out += 1
         if self._ll.llama_vocab_is_eog(self.vocab, tok):
@@ -562,11 +444,11 @@ class Engine:
         slot.feed += forced
         return 1 + len(forced)
 
-    def _force(self, slot: _Slot) -> list[int]:
+    def _force(self, slot: Slot) -> list[int]:
         """Consume and append the tokens the grammar allows as the only continuation (jump-forward); they
         are decoded in the next batch without being sampled."""
         c = slot.constraint
-        budget = min(slot.params.max_tokens - slot.n_out, _FORCED_MAX, self.n_batch // 2)
+        budget = min(slot.params.max_tokens - slot.n_out, FORCED_MAX, self.n_batch // 2)
         forced = c.forced()[:budget] if budget > 0 else []
         for t in forced:
             c.consume(t)
@@ -579,7 +461,7 @@ class Engine:
             slot.finish = "length"  # no token left to sample: nothing more to decode either
         return forced
 
-    def _finished(self, slot: _Slot) -> tuple[str, str] | None:
+    def _finished(self, slot: Slot) -> tuple[str, str] | None:
         if slot.request is None or (slot.n_out == 0 and slot.finish is None):
             return None
         params = slot.params
@@ -595,36 +477,10 @@ class Engine:
             return slot.out.decode("utf-8", errors="replace"), "length"
         return None
 
-    # -- batch plumbing -------------------------------------------------------------------------
-    def _batch_clear(self) -> None:
-        self.batch.n_tokens = 0
-
-    def _batch_add(self, token: int, pos: int, seq: int, logits: bool) -> int:
-        b, i = self.batch, self.batch.n_tokens
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq
-        b.logits[i] = logits
-        b.n_tokens = i + 1
-        return i
-
-    def _decode(self) -> int:
-        start = time.perf_counter()
-        ret = self._ll.llama_decode(self.ctx, self.batch)
-        self.last.decode_seconds += time.perf_counter() - start
-        self.last.decode_calls += 1
-        return ret
-
-    def _decode_or_raise(self) -> None:
-        ret = self._decode()
-        if ret != 0:
-            raise GenerationError(f"llama_decode failed on the shared prompt prefix (code {ret}); try a smaller --ctx")
-
     def close(self) -> None:
         ll = self._ll
         if self.batch is not None:
-            ll.llama_batch_free(self.batch)
+            self.batch.free()
             self.batch = None
         if self.ctx:
             ll.llama_free(self.ctx)
@@ -638,18 +494,3 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _worth(n: int, start: int, last: int) -> bool:
-    """Copy cells up to `n` rather than decode from `start`: REUSE_MIN tokens or more, or all of an identical
-    prompt but its last token (k samples of one input)."""
-    return n - start >= REUSE_MIN or (n == last and n > start)
-
-
-def _shared_start(a: Any, b: Any, limit: int) -> int:
-    """How many first tokens the token arrays `a` and `b` share, at most `limit`."""
-    import numpy as np
-
-    n = min(limit, len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n

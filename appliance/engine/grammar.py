@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -130,9 +130,9 @@ def gbnf_parses(gbnf: str) -> bool:
     """Whether llama.cpp's own GBNF parser accepts a grammar (no model needed)."""
     import llama_cpp
 
-    from .llama import _install_log_capture
+    from .llama import install_log_capture
 
-    _install_log_capture()
+    install_log_capture()
     with _quiet_stderr():  # llama.cpp's grammar parser writes its complaint straight to stderr
         sampler = llama_cpp.llama_sampler_init_grammar(None, gbnf.encode("utf-8"), b"root")
     if not sampler:
@@ -271,6 +271,14 @@ def _lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def required_first(properties: Iterable[str], required: Iterable[str]) -> list[str]:
+    """An object's property names with the required ones first, each group in schema order: the order
+    llama.cpp's JSON-schema converter writes them, which constrained outputs and the task prompts' examples
+    follow."""
+    names, needed = list(properties), set(required)
+    return [k for k in names if k in needed] + [k for k in names if k not in needed]
+
+
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
 _SUBSCHEMA_ONE = ("items", "additionalItems", "not", "if", "then", "else", "contains", "unevaluatedItems")
@@ -281,15 +289,15 @@ def _no_extra_properties(schema: Any) -> Any:
     additionalProperties gets `"additionalProperties": false` (allOf branches are left alone: each
     branch lists only some of the properties), and lists its required properties first. llguidance
     writes properties in schema order; llama.cpp's converter wrote required ones first, and the task
-    prompts show outputs in that order (taskprompts._ordered)."""
+    prompts show outputs in that order (`required_first`)."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     if isinstance(out.get("properties"), dict) and "additionalProperties" not in out and "unevaluatedProperties" not in out:
         out["additionalProperties"] = False
     if isinstance(out.get("properties"), dict) and isinstance(out.get("required"), list):
-        props, required = out["properties"], set(out["required"])
-        out["properties"] = {k: props[k] for k in props if k in required} | {k: props[k] for k in props if k not in required}
+        props = out["properties"]
+        out["properties"] = {k: props[k] for k in required_first(props, out["required"])}
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
             out[key] = {k: _no_extra_properties(v) for k, v in out[key].items()}

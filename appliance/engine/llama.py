@@ -1,7 +1,6 @@
 """llama.cpp plumbing shared by the engine and the code that prepares its work: the captured log (so the
 appliance prints its own one-line errors), a vocabulary loaded without weights, tokenizing, and the
-common-prefix rule the planner and the engine agree on; plus the decode-only rate the benchmarks
-compare the engine with.
+common-prefix rule the planner and the engine agree on.
 """
 
 from __future__ import annotations
@@ -9,21 +8,17 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import GenerationError
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 _LOG_LINES: list[str] = []
 _log_callback = None  # keeps the ctypes callback alive
 
 
-def _install_log_capture() -> None:
+def install_log_capture() -> None:
     """Route llama.cpp's log into a buffer (and to stderr with APPLIANCE_DEBUG=1): the appliance prints
     its own one-line messages."""
     global _log_callback
@@ -45,7 +40,7 @@ def _install_log_capture() -> None:
     llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
 
 
-def _last_error_line() -> str:
+def last_error_line() -> str:
     for line in reversed("".join(_LOG_LINES).splitlines()):
         if "error" in line.lower() or "failed" in line.lower():
             return line.strip()
@@ -57,6 +52,40 @@ def reset_log() -> None:
     _LOG_LINES.clear()
 
 
+def load_model(model_path: str | Path, model_params: dict[str, Any]) -> Any:
+    """A llama.cpp model loaded with these model parameters (a plan's); one error line when it cannot be."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    for key, value in model_params.items():
+        setattr(mparams, key, value)
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+    if not model:
+        detail = last_error_line()
+        raise GenerationError(
+            f"llama.cpp could not load {model_path}" + (f": {detail}" if detail else "")
+            + " (check the file with `appliance models inspect`, or try a smaller --gpu-layers)"
+        )
+    return model
+
+
+def new_context(model: Any, context_params: dict[str, Any]) -> Any:
+    """A context on `model` with these context parameters (a plan's); one error line when it cannot be made."""
+    import llama_cpp
+
+    cparams = llama_cpp.llama_context_default_params()
+    for key, value in context_params.items():
+        setattr(cparams, key, value)
+    cparams.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        detail = last_error_line()
+        raise GenerationError("llama.cpp could not create a context" + (f": {detail}" if detail else "")
+                              + " (try a smaller --ctx or --parallel)")
+    return ctx
+
+
 class Vocab:
     """A model's tokenizer without its weights (llama.cpp's vocab_only load): for counting tokens
     before the planner decides how the model is loaded."""
@@ -65,23 +94,23 @@ class Vocab:
         import llama_cpp
 
         self._ll = llama_cpp
-        _install_log_capture()
+        install_log_capture()
         reset_log()
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.vocab_only = True
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self.model:
-            detail = _last_error_line()
+            detail = last_error_line()
             raise GenerationError(f"llama.cpp could not read the vocabulary of {model_path}" + (f": {detail}" if detail else ""))
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
 
     def tokenize(self, text: str) -> list[int]:
-        return _tokenize(self.vocab, text)
+        return tokenize(self.vocab, text)
 
     def count(self, text: str) -> int:
         """Tokens in `text` as a continuation (no BOS)."""
-        return len(_tokenize(self.vocab, text, add_special=False))
+        return len(tokenize(self.vocab, text, add_special=False))
 
     def close(self) -> None:
         if self.model:
@@ -107,12 +136,12 @@ def prompt_shapes(model_path: str | Path, prompt_lists: Sequence[Sequence[str]])
     with Vocab(model_path) as vocab:
         for prompts in prompt_lists:
             toks = [vocab.tokenize(text) for text in prompts]
-            prefix = _common_prefix(toks)
+            prefix = common_prefix(toks)
             out.append((prefix, max(len(t) for t in toks) - prefix))
     return out
 
 
-def _tokenize(vocab: Any, text: str, add_special: bool = True) -> list[int]:
+def tokenize(vocab: Any, text: str, add_special: bool = True) -> list[int]:
     """Tokens of `text` (with the model's BOS unless add_special is False), special tokens parsed
     (prompt files may use them)."""
     import llama_cpp
@@ -128,7 +157,7 @@ def _tokenize(vocab: Any, text: str, add_special: bool = True) -> list[int]:
     return list(buf[:n])
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
+def common_prefix(seqs: list[list[int]]) -> int:
     """Length of the longest common token prefix, leaving every sequence at least one token of its own
     (its last prompt token must be decoded in its own sequence to get its first logits)."""
     first = seqs[0]
@@ -139,50 +168,3 @@ def _common_prefix(seqs: list[list[int]]) -> int:
             i += 1
         n = i
     return max(n, 0)
-
-
-def decode_only_rate(engine: Engine, prompts: Sequence[str], n: int, new_tokens: int) -> dict[str, float]:
-    """The kernel's ceiling for this engine: `n` sequences (prompts reused in turn) decoded as the
-    engine decodes them (shared prefix once, copied; suffixes batched), then `new_tokens` steps of one
-    token per sequence with no sampling at all (each feeds its last token again). Returns
-    {"tok_s": generated tokens per second of the steps, "prompt_s": seconds of the prompt part, ...}."""
-    ll = engine._ll
-    if not prompts or n < 1 or new_tokens < 1:
-        raise GenerationError("decode_only_rate needs prompts, n >= 1 and new_tokens >= 1")
-    if n > engine.holder:
-        raise GenerationError(f"decode_only_rate: n={n} is more than the plan's {engine.holder} parallel sequences")
-    toks = [engine.tokenize(prompts[i % len(prompts)]) for i in range(n)]
-    prefix = _common_prefix(toks)
-    need = prefix + sum(len(t) - prefix + new_tokens for t in toks)
-    if need > engine.n_ctx:
-        raise GenerationError(f"decode_only_rate needs {need} tokens of context, but the plan gives {engine.n_ctx}")
-    ll.llama_memory_clear(engine.mem, True)
-    start = time.perf_counter()
-    engine._decode_prefix(toks[0][:prefix])
-    rows = [(seq, t[prefix:]) for seq, t in enumerate(toks)]
-    for seq, _ in rows:
-        if prefix:
-            ll.llama_memory_seq_cp(engine.mem, engine.holder, seq, -1, -1)
-    flat = [(seq, prefix + j, tok, j == len(rest) - 1) for seq, rest in rows for j, tok in enumerate(rest)]
-    for at in range(0, len(flat), engine.n_batch):
-        engine._batch_clear()
-        for seq, pos, tok, logits in flat[at : at + engine.n_batch]:
-            engine._batch_add(tok, pos, seq, logits)
-        engine._decode_or_raise()
-    prompt_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for step in range(new_tokens):
-        engine._batch_clear()
-        for seq, t in enumerate(toks):
-            engine._batch_add(t[-1], len(t) + step, seq, True)
-        engine._decode_or_raise()
-    gen_s = time.perf_counter() - start
-    ll.llama_memory_clear(engine.mem, True)
-    return {
-        "n": n,
-        "tok_s": n * new_tokens / gen_s,
-        "tok_s_with_prompt": n * new_tokens / (gen_s + prompt_s),
-        "prompt_s": prompt_s,
-        "gen_s": gen_s,
-        "prompt_tokens": prefix + sum(len(t) - prefix for t in toks),
-    }

@@ -1,5 +1,5 @@
 """What the engine is asked and what it answers: sampling settings, a request, a completion, the run's
-engine counters; and the numpy helpers its sampler uses on a step's logits.
+engine counters.
 """
 
 from __future__ import annotations
@@ -77,23 +77,3 @@ class EngineStats:
                 self.retries.extend(other.retries)
             else:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-def _token_data(n: int) -> Any:
-    """A numpy array laid out as llama.cpp's llama_token_data (id int32, logit float, p float)."""
-    import numpy as np
-
-    return np.zeros(n, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
-
-
-def _top_candidates(row: Any, k: int) -> Any:
-    """Indices of a set of logits that holds the row's k largest (ties at the k-th may add a few): those
-    within a margin of the maximum (cheap), widened, and an exact partition as the last resort."""
-    import numpy as np
-
-    top = row.max()
-    for margin in (8.0, 16.0, 32.0):
-        cand = np.flatnonzero(row >= top - margin)
-        if len(cand) >= k:
-            return cand
-    return np.argpartition(row, -k)[-k:] if k < len(row) else np.arange(len(row))

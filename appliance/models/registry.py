@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from ..errors import ApplianceError, ModelFileError
 from .info import GGUFInfo
 from .gguf import read_gguf
-from ..store.database import Store, insert_row, to_json, utcnow
+from ..store import Store, insert_row, to_json, utcnow
 
 MODELS_DIR = Path("models")
 

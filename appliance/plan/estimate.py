@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ..errors import PlanError
 from ..models.info import GGUFInfo
 
 MiB = 1 << 20
@@ -91,6 +92,15 @@ _SWA_PATTERNS: dict[str, tuple[int | None, bool]] = {
     "plamo3": (8, False),
     "smallthinker": (4, True),
 }
+
+
+def check_kv_types(type_k: str, type_v: str, flash_attn: bool | None) -> None:
+    """Refuse KV cache types llama.cpp would refuse."""
+    for name, kv_type in (("type_k", type_k), ("type_v", type_v)):
+        if kv_type not in KV_TYPES:
+            raise PlanError(f"{name} {kv_type!r} is not a KV cache type llama.cpp supports ({', '.join(KV_TYPES)})")
+    if type_v not in FLOAT_TYPES and flash_attn is False:
+        raise PlanError(f"a {type_v} V cache needs flash attention (llama.cpp refuses it without)")
 
 
 def format_bytes(n: int | float) -> str:

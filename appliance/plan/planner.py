@@ -27,8 +27,8 @@ from pydantic import BaseModel, Field
 from ..errors import PlanError
 from .estimate import (
     CTX_PAD,
+    check_kv_types,
     FLOAT_TYPES,
-    KV_TYPES,
     Estimate,
     GiB,
     MiB,
@@ -185,14 +185,38 @@ def make_plan(
     for that the plan changes is listed in `Plan.adjustments` with the reason.
     Raises PlanError only for settings llama.cpp itself would refuse.
     """
-    for name, kv_type in (("type_k", type_k), ("type_v", type_v)):
-        if kv_type not in KV_TYPES:
-            raise PlanError(f"{name} {kv_type!r} is not a KV cache type llama.cpp supports ({', '.join(KV_TYPES)})")
-    if type_v not in FLOAT_TYPES and flash_attn is False:
-        raise PlanError(f"a {type_v} V cache needs flash attention (llama.cpp refuses it without)")
+    check_kv_types(type_k, type_v, flash_attn)
     if (prefix_tokens is None) != (seq_tokens is None):
         raise ValueError("prefix_tokens and seq_tokens go together")
-    adjustments = []
+    n_ctx, adjustments = _adjust_asked(info, hw, n_ctx, n_parallel, n_gpu_layers, allow_long_context)
+    ram = hw.effective_available_bytes
+    search = _Search(
+        info=info,
+        budget=_Budget(
+            ram,
+            max(int(ram * RAM_MARGIN_FRACTION), RAM_MARGIN_MIN),
+            hw.gpus[0] if hw.gpus and hw.gpu_offload_supported else None,
+        ),
+        threads=n_threads or max(1, hw.cpu_physical_cores),
+        workload=(prefix_tokens or 0, seq_tokens) if seq_tokens is not None else None,
+        n_ctx=n_ctx,
+        n_gpu_layers=n_gpu_layers,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        type_k=type_k,
+        type_v=type_v,
+        swa_full=swa_full,
+        flash_attn=flash_attn,
+    )
+    plan = search.plan(n_parallel, max_parallel)
+    return plan.model_copy(update={"adjustments": adjustments}) if adjustments else plan
+
+
+def _adjust_asked(info: GGUFInfo, hw: HardwareInfo, n_ctx: int | None, n_parallel: int | None, n_gpu_layers: int | None,
+                  allow_long_context: bool) -> tuple[int | None, list[str]]:
+    """The context asked for, kept within the trained context unless allow_long_context; and a line for every
+    value asked for that the plan will change, with the reason."""
+    adjustments: list[str] = []
     trained = info.context_length
     if n_ctx is not None and trained and n_ctx > trained and not allow_long_context:
         adjustments.append(
@@ -219,27 +243,7 @@ def make_plan(
             adjustments.append(
                 f"gpu layers {asked} -> {layer_count(info) + 1}: the model has {layer_count(info)} layers plus the output layer"
             )
-    ram = hw.effective_available_bytes
-    search = _Search(
-        info=info,
-        budget=_Budget(
-            ram,
-            max(int(ram * RAM_MARGIN_FRACTION), RAM_MARGIN_MIN),
-            hw.gpus[0] if hw.gpus and hw.gpu_offload_supported else None,
-        ),
-        threads=n_threads or max(1, hw.cpu_physical_cores),
-        workload=(prefix_tokens or 0, seq_tokens) if seq_tokens is not None else None,
-        n_ctx=n_ctx,
-        n_gpu_layers=n_gpu_layers,
-        n_batch=n_batch,
-        n_ubatch=n_ubatch,
-        type_k=type_k,
-        type_v=type_v,
-        swa_full=swa_full,
-        flash_attn=flash_attn,
-    )
-    plan = search.plan(n_parallel, max_parallel)
-    return plan.model_copy(update={"adjustments": adjustments}) if adjustments else plan
+    return n_ctx, adjustments
 
 
 @dataclass(frozen=True)

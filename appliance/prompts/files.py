@@ -62,6 +62,7 @@ import jinja2.meta
 import jinja2.sandbox
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from ..engine.types import SamplingParams
 from ..errors import PromptError
 
 if sys.version_info >= (3, 11):
@@ -356,6 +357,17 @@ def check_used(prompt: PromptFile, names: Iterable[str], what: str) -> None:
         has = ", ".join(prompt.variables) or "none"
         raise PromptError(f"{what} {', '.join(repr(u) for u in unused)} not used by prompt {prompt.path or prompt.name} "
                           f"(its variables: {has})")
+
+
+def sampling_for(prompt: PromptFile, overrides: dict[str, Any]) -> SamplingParams:
+    """Engine defaults, overridden by the prompt file's header, overridden by `overrides` (None = unset)."""
+    header = prompt.header
+    values: dict[str, Any] = {"stop": header.stop}
+    for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens"):
+        if getattr(header, key) is not None:
+            values[key] = getattr(header, key)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(**values)
 
 
 def parse_var(item: str) -> tuple[str, str]:

@@ -12,7 +12,6 @@ A check prompt is a prompt file whose template uses `text` (the output, on one l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +20,13 @@ from ..errors import ApplianceError
 from ..prompts.files import PromptFile, load_prompt, parse_prompt
 from ..data.filters import Verdict
 from .recipe import LoadedRecipe
-from .retry import ITEM_LIMIT, RETRY_BUDGET
-from ..runs.items import Execution, Item, item_seeds, merge, pending
-from ..store.database import Store
+from ..runs.items import FIDELITY_BASE, ITEM_LIMIT, Execution, Item, item_seeds, merge, pending
+from ..runs.summary import fidelity_checks
+from ..store import Store
 
 if TYPE_CHECKING:
     from ..runs.session import RunSession
 
-FIDELITY_BASE = (RETRY_BUDGET + 1) * ITEM_LIMIT  # axis k of item i: FIDELITY_BASE + k * ITEM_LIMIT + i
 CHECK_VARIABLES = ("text", "axis", "values")
 MAX_TOKENS = 16
 
@@ -123,20 +121,6 @@ def run_checks(
     return merge(executions)
 
 
-def labels(gens: list[dict[str, Any]]) -> dict[int, dict[str, tuple[str, str | None]]]:
-    """generation id -> {axis: (asked value, predicted value or None)} from the run's check generations."""
-    out: dict[int, dict[str, tuple[str, str | None]]] = {}
-    for g in gens:
-        if g["item_index"] < FIDELITY_BASE:
-            continue
-        v = json.loads(g["variables_json"] or "{}")
-        if v.get("check") != "fidelity":
-            continue
-        predicted = g["output"].strip() or None
-        out.setdefault(v["generation_id"], {})[v["axis"]] = (v["expected"], predicted)
-    return out
-
-
 def verdict(found: dict[str, tuple[str, str | None]]) -> Verdict:
     """Pass when every checked axis was labelled with the value asked for; the reason names each label."""
     parts, matched = [], 0
@@ -149,26 +133,12 @@ def verdict(found: dict[str, tuple[str, str | None]]) -> Verdict:
     return Verdict(filter="fidelity", passed=matched == len(found), score=matched / len(found), reason="; ".join(parts))
 
 
-def rates(store: Store, run_id: int) -> dict[str, tuple[int, int]]:
-    """Per checked axis: (outputs labelled with the value asked for, outputs checked)."""
-    rows = store.rows("SELECT item_index, output, variables_json FROM generations WHERE run_id = ? AND item_index >= ?",
-                      [run_id, FIDELITY_BASE])
-    out: dict[str, tuple[int, int]] = {}
-    for found in labels(rows).values():
-        for axis, (asked, predicted) in found.items():
-            hit, n = out.get(axis, (0, 0))
-            out[axis] = (hit + (predicted == asked), n + 1)
-    return dict(sorted(out.items()))
-
-
 def uninformative(store: Store, run_id: int) -> list[str]:
     """Warnings for checks that gave (nearly) every output the same label whatever was asked: such a check
     prompt does not tell the values apart (a base model answering a zero-shot prompt does this), and
     its drops say nothing about the outputs."""
-    rows = store.rows("SELECT item_index, output, variables_json FROM generations WHERE run_id = ? AND item_index >= ?",
-                      [run_id, FIDELITY_BASE])
     by_axis: dict[str, list[tuple[str, str | None]]] = {}
-    for found in labels(rows).values():
+    for found in fidelity_checks(store, run_id).values():
         for axis, pair in found.items():
             by_axis.setdefault(axis, []).append(pair)
     out = []

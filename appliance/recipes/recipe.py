@@ -27,18 +27,14 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ApplianceError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from ..runs.files import Sampling, read_toml_file
+from ..runs.items import RecipeKind
 
 
 class RecipeError(ApplianceError):
@@ -63,16 +59,6 @@ class Chunking(_Strict):
         return self
 
 
-class Sampling(_Strict):
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, gt=0)
-    max_tokens: int | None = Field(None, gt=0)
-    stop: list[str] | None = None
-
-
 class Filters(_Strict):
     """Thresholds of the filters every generation goes through; each verdict is stored with its reason."""
 
@@ -89,7 +75,7 @@ class Filters(_Strict):
 
 
 class Recipe(_Strict):
-    kind: Literal["synthetic", "annotated", "augmented"]
+    kind: RecipeKind
     name: str | None = None
     model: str
     prompt: str
@@ -137,34 +123,6 @@ class LoadedRecipe(BaseModel):
         """A path from the recipe, relative to the recipe file's folder."""
         p = Path(relative).expanduser()
         return p if p.is_absolute() else Path(self.path).parent / p
-
-
-def is_task_spec(path: str | Path) -> bool:
-    """Whether a TOML file is a task spec (it has `[[tasks]]`) rather than a recipe; False when unreadable
-    (the recipe loader then reports the problem)."""
-    try:
-        return "tasks" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False
-
-
-def read_toml_file(path: str | Path, what: str, error: type[ApplianceError]) -> tuple[Path, str, dict[str, Any]]:
-    """A TOML config file's path, text and data; each problem is one `error` line naming the file."""
-    p = Path(path)
-    if not p.exists():
-        raise error(f"no such {what} file: {p}")
-    if p.is_dir():
-        raise error(f"{p} is a directory, not a {what} file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise error(f"{what} {p} is not UTF-8 text") from None
-    except OSError as exc:
-        raise error(f"cannot read {what} {p}: {exc.strerror}") from None
-    try:
-        return p, text, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise error(f"{what} {p}: not valid TOML: {exc}") from None
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:

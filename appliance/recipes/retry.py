@@ -2,12 +2,8 @@
 
 A base model sometimes ends an output before its first real token (its first token is end-of-text, or
 a stop string such as a blank line). Such an item is generated again under a new seed rather than
-dropped. Item indices of a recipe run:
-
-    0 .. ITEM_LIMIT-1                  the recipe's items (attempt 0)
-    a * ITEM_LIMIT + i                 attempt a (1..RETRY_BUDGET) of item i, made only when attempt a-1
-                                       came out empty; its seed is derived from its own index
-    appliance.fidelity.FIDELITY_BASE+  the fidelity checks of the final outputs
+dropped. Attempt a of item i is item index a * ITEM_LIMIT + i (the layout is in
+`appliance.runs.items`); its seed is derived from its own index.
 
 Which retries exist follows from what is stored, so a resumed run makes exactly the missing ones.
 """
@@ -18,13 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..engine.types import SamplingParams
 from ..data.filters import cue_line, strip_cue
-from ..runs.items import Execution, Item, item_seeds, pending
+from ..runs.items import ITEM_LIMIT, RETRY_BUDGET, Execution, Item, item_seeds, pending
 
 if TYPE_CHECKING:
     from ..runs.session import RunSession
-
-ITEM_LIMIT = 10_000_000
-RETRY_BUDGET = 2
 
 
 def attempt_of(index: int) -> tuple[int, int]:

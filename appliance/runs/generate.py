@@ -13,15 +13,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ..engine.types import SamplingParams
 from ..models.registry import Registry
 from ..plan.planner import Plan
-from ..prompts.files import PromptFile, VarValue, check_used
+from ..prompts.files import PromptFile, VarValue, check_used, sampling_for
 from ..events import RunEvents
 from .style import style_for
 from .items import Execution, item_seeds
 from .session import RunSession
-from ..store.database import Store
+from ..store import Store
 
 
 class GenerateOptions(BaseModel):
@@ -36,17 +35,6 @@ class GenerateOptions(BaseModel):
     n_gpu_layers: int | None = Field(None, ge=-1)
     mode: str | None = Field(None, pattern="^(auto|chat|completion)$")  # None: the prompt file's
     chat_template: str | None = None  # a built-in template name or a file, for GGUFs without one
-
-
-def sampling_for(prompt: PromptFile, overrides: dict[str, Any]) -> SamplingParams:
-    """Engine defaults, overridden by the prompt file's header, overridden by `overrides` (None = unset)."""
-    header = prompt.header
-    values: dict[str, Any] = {"stop": header.stop}
-    for key in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens"):
-        if getattr(header, key) is not None:
-            values[key] = getattr(header, key)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return SamplingParams(**values)
 
 
 @dataclass

@@ -1,18 +1,34 @@
 """Items: what a run asks the model for, one rendered prompt with its own seed, and the row each becomes.
 
 An item's index and seed are fixed by its run's recipe, so a resumed run finds the items it has not
-stored yet (`pending`) and stores each one once (`item_key`). `appliance.session.RunSession`
+stored yet (`pending`) and stores each one once (`item_key`). `appliance.runs.session.RunSession`
 generates them.
+
+Item indices of a recipe run (synthetic, annotated, augmented):
+
+    0 .. ITEM_LIMIT-1                  the recipe's items (attempt 0)
+    a * ITEM_LIMIT + i                 attempt a (1..RETRY_BUDGET) of item i, made only when attempt a-1
+                                       came out empty (`appliance.recipes.retry`)
+    FIDELITY_BASE + k * ITEM_LIMIT + i the fidelity check of axis k of item i's final output
+                                       (`appliance.recipes.fidelity`)
+
+Task runs lay out their rounds and phases in `appliance.tasks.run`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..engine.types import Completion, SamplingParams
-from ..store.database import Store, to_json, utcnow
+from ..store import Store, to_json, utcnow
+
+RecipeKind = Literal["synthetic", "annotated", "augmented"]
+RECIPE_KINDS: tuple[str, ...] = get_args(RecipeKind)  # run kinds made from a recipe file (the others: generate, task, eval)
+ITEM_LIMIT = 10_000_000  # a recipe's items per run, and the stride of its retries and checks
+RETRY_BUDGET = 2  # times an empty output is generated again
+FIDELITY_BASE = (RETRY_BUDGET + 1) * ITEM_LIMIT
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Reading the log back: generations (with full-text search) and runs, for `appliance logs` and `runs`;
-and what a user types next: which run a reference names, how each run's counts read, how to continue it."""
+"""Queries over runs: generations (with full-text search) and runs, for `appliance logs` and `runs`; the
+drops per first failing filter; which run a file continues; and what a user types next: which run a
+reference names, how each run's counts read, how to continue it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import json
 import shlex
 from typing import Any
 
-from ..errors import ApplianceError
-from ..recipes.retry import ITEM_LIMIT
-from ..store.database import Store
+from ..errors import ApplianceError, ResumeError, with_article
+from ..store import Store
+from .items import ITEM_LIMIT, RECIPE_KINDS
 
 _GENERATION_COLUMNS = """
     g.id, g.run_id, g.item_index, m.name AS model, p.name AS prompt, g.seed, g.tokens_in, g.tokens_out,
@@ -66,29 +67,48 @@ def item_label(index: int, variables: dict[str, Any] | None) -> str:
 
 def list_runs(store: Store, *, limit: int = 20) -> list[dict[str, Any]]:
     """Runs, newest first, with generations done, examples kept, and dropped examples per first failing filter."""
-    sql = """
+    kinds = ", ".join("?" * len(RECIPE_KINDS))
+    sql = f"""
         SELECT r.id, r.kind, r.name, r.status, r.requested,
                (SELECT count(*) FROM generations g WHERE g.run_id = r.id
-                AND (r.kind NOT IN ('synthetic', 'annotated', 'augmented') OR g.item_index < ?)) AS done,
+                AND (r.kind NOT IN ({kinds}) OR g.item_index < ?)) AS done,
                (SELECT count(*) FROM examples e WHERE e.run_id = r.id AND e.kept = 1) AS kept,
                m.name AS model, p.name AS prompt, r.started_at, r.ended_at, r.error, r.config_json
         FROM runs r LEFT JOIN models m ON m.id = r.model_id LEFT JOIN prompts p ON p.id = r.prompt_id
         ORDER BY r.id DESC"""
     if limit:
         sql += f" LIMIT {int(limit)}"
-    runs = store.rows(sql, [ITEM_LIMIT])  # a recipe's items, not their retries or fidelity checks
-    drops: dict[int, dict[str, int]] = {}
-    first_failures = """SELECT e.run_id, min(v.id) id FROM examples e JOIN verdicts v ON v.generation_id = e.generation_id
-                        AND v.passed = 0 WHERE e.kept = 0 GROUP BY e.id"""  # each dropped example once, by its first failure
-    for row in store.rows(f"SELECT f.run_id, v.filter, count(*) n FROM ({first_failures}) f JOIN verdicts v ON v.id = f.id "
-                          "GROUP BY f.run_id, v.filter"):
-        drops.setdefault(row["run_id"], {})[row["filter"]] = row["n"]
+    runs = store.rows(sql, [*RECIPE_KINDS, ITEM_LIMIT])  # a recipe's items, not their retries or fidelity checks
+    drops = drops_by_first_filter(store, [run["id"] for run in runs])
     for run in runs:
-        run["dropped"] = drops.get(run["id"], {})
+        run["dropped"] = {name: n for name, (n, _) in drops.get(run["id"], {}).items()}
         run["counts"] = run_counts(run)
         run["next"] = next_step(run) if run["status"] != "completed" else None
         del run["config_json"]
     return runs
+
+
+def drops_by_first_filter(store: Store, run_ids: list[int]) -> dict[int, dict[str, tuple[int, str]]]:
+    """run id -> {filter: (dropped examples, one reason)}: each dropped example counted once, under the
+    first filter it failed; attempts generated again (no example of their own) are not drops."""
+    if not run_ids:
+        return {}
+    marks = ", ".join("?" * len(run_ids))
+    rows = store.rows(
+        f"""SELECT first.run_id, v.filter, count(*) n, min(v.reason) reason FROM verdicts v JOIN (
+               SELECT e.run_id, min(v2.id) id FROM examples e JOIN verdicts v2 ON v2.generation_id = e.generation_id AND v2.passed = 0
+               WHERE e.run_id IN ({marks}) AND e.kept = 0 GROUP BY e.id) first ON first.id = v.id
+            GROUP BY first.run_id, v.filter""", run_ids)
+    out: dict[int, dict[str, tuple[int, str]]] = {}
+    for r in rows:
+        out.setdefault(r["run_id"], {})[r["filter"]] = (r["n"], r["reason"])
+    return out
+
+
+def first_failures(store: Store, run_id: int) -> tuple[dict[str, int], dict[str, str]]:
+    """One run's `drops_by_first_filter`: dropped examples per filter, and an example reason per filter."""
+    drops = drops_by_first_filter(store, [run_id]).get(run_id, {})
+    return {name: n for name, (n, _) in drops.items()}, {name: reason for name, (_, reason) in drops.items()}
 
 
 def run_counts(run: dict[str, Any]) -> str:
@@ -144,3 +164,36 @@ def resolve_run(store: Store, ref: str) -> int:
         known = f"; run names: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else ""
         raise ApplianceError(f"no run {ref if ref.isdigit() else repr(ref)}: give a run id, `last` or a run name (see `appliance runs`){known}")
     return rows[0]["id"]
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def find_resumable(
+    store: Store, *, name: str, kinds: tuple[str, ...], sha256: str, config: tuple[str, dict[str, Any]],
+    what: str, resume: int | None, new_run: bool,
+) -> dict[str, Any] | None:
+    """The run to continue: `resume`, else the newest run of this name and kind (None: start a new run).
+    Refuses a run of another kind, or one made from a different file, naming the keys that changed."""
+    if new_run:
+        return None
+    if resume is not None:
+        rows = store.rows("SELECT * FROM runs WHERE id = ?", [resume])
+        if not rows:
+            raise ResumeError(f"no run {resume} to resume (see `appliance runs`)")
+    else:
+        marks = ", ".join("?" * len(kinds))
+        rows = store.rows(f"SELECT * FROM runs WHERE name = ? AND kind IN ({marks}) ORDER BY id DESC LIMIT 1", [name, *kinds])
+        if not rows:
+            return None
+    run = rows[0]
+    if run["kind"] not in kinds:
+        raise ResumeError(f"run {run['id']} is {with_article(run['kind'])} run, not {with_article(what)} run")
+    if run["recipe_sha256"] != sha256:
+        key, new = config
+        changed = _changes(json.loads(run["config_json"] or "{}").get(key, {}), new)
+        because = ", ".join(changed) if changed else "its text (comments or layout)"
+        raise ResumeError(f"{what} changed since run {run['id']} ({because}); use --new-run to start over")
+    return run

@@ -33,7 +33,7 @@ from .queries import interrupted_message
 from ..models.registry import ModelRecord
 from ..plan.planner import Plan
 from .items import Execution, Item, pending, row_for
-from ..store.database import Store, Writer
+from ..store import Store, Writer
 from ..workers.local import Limits, ModelWorker, Needs, needs_for
 
 Workload = tuple[Sequence[str], SamplingParams]

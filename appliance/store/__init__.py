@@ -1,3 +1,9 @@
 """The database: one SQLite file, numbered migrations, the writer thread, and the provenance fields a run row records.
 
-May import: errors, version (nothing above it)."""
+May import: errors, version (nothing above it).
+"""
+
+from .database import Store, connect, default_db_path, insert_row, rollback, to_json, utcnow
+from .writer import Writer, WriterStats
+
+__all__ = ["Store", "Writer", "WriterStats", "connect", "default_db_path", "insert_row", "rollback", "to_json", "utcnow"]

@@ -19,7 +19,7 @@ from ..events import RunEvents
 from ..runs.style import style_for
 from ..runs.items import Item, item_seeds
 from ..runs.session import RunSession
-from ..store.database import Store, insert_row, utcnow
+from ..store import Store, insert_row, utcnow
 from .prompts import parse_output, stop_strings
 from .run import OUTPUT_MAX_TOKENS, task_item
 from .spec import parse_task_spec

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from typing import Any
 
 from ..prompts.files import PromptFile
 from ..data.filters import json_validator
-from .spec import ClassifyTask, ExtractTask, Label, Task, TransformTask, _flat, _title
+from ..engine.grammar import Grammar, required_first
+from .grammars import classify_gbnf, extract_gbnf
+from .kinds import ClassifyTask, ExtractTask, Label, Task, TransformTask, flat, title
 
 INPUT_STOP = ["\n"]
 """Stop strings for the input-writing prompt: an input is one line."""
@@ -54,8 +55,7 @@ def _ordered(value: Any, schema: Any) -> Any:
     then optional ones, each in schema order (then keys the schema does not name)."""
     if isinstance(value, dict) and isinstance(schema, dict) and isinstance(schema.get("properties"), dict):
         props: dict[str, Any] = schema["properties"]
-        required = set(schema.get("required", []))
-        order = [k for k in props if k in required] + [k for k in props if k not in required]
+        order = required_first(props, schema.get("required", []))
         keys = [k for k in order if k in value] + [k for k in value if k not in props]
         return {k: _ordered(value[k], props.get(k)) for k in keys}
     if isinstance(value, list) and isinstance(schema, dict) and isinstance(schema.get("items"), dict):
@@ -85,50 +85,24 @@ def parse_output(task: Task, text: str) -> str | None:
     return text or None
 
 
-def _gbnf_literal(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def output_grammar(task: Task, chat: bool = False) -> str | None:
-    """GBNF that constrains an output; None for transform. In completion mode the output follows "Output:",
-    so it starts with one space; in chat mode it is the whole assistant turn, with no space."""
-    lead = "" if chat else '" " '
+    """GBNF that constrains an output (`appliance.tasks.grammars`); None for transform."""
     if isinstance(task, ClassifyTask):
-        return f'root ::= {lead}({" | ".join(_gbnf_literal(name) for name in task.label_names)})\n'
+        return classify_gbnf(task.label_names, chat)
     if isinstance(task, ExtractTask):
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-        gbnf = json_schema_to_gbnf(json.dumps(task.json_schema))
-        return re.sub(r"^root ::= (.*)$", lambda m: f"root ::= {lead}({m.group(1)})", gbnf, count=1, flags=re.M)
+        return extract_gbnf(task.json_schema, chat)
     return None
 
 
 def output_constraint(task: Task, chat: bool = False) -> Any:
     """The engine's constraint for an output (llguidance: checked per sampled token, forced tokens appended),
     the same language as `output_grammar`; None for transform."""
-    from ..engine.grammar import Grammar
-
     lead = "" if chat else " "
     if isinstance(task, ClassifyTask):
         return Grammar.choice(task.label_names, prefix=lead)
     if isinstance(task, ExtractTask):
         return Grammar.from_json_schema(task.json_schema, prefix=lead)
     return None
-
-
-def grammar_parses(gbnf: str) -> bool:
-    """Whether llama.cpp's own parser accepts a grammar (no model needed); its complaint goes to its
-    log (shown with APPLIANCE_DEBUG=1)."""
-    import llama_cpp
-
-    from ..engine.llama import _install_log_capture
-
-    _install_log_capture()
-    sampler = llama_cpp.llama_sampler_init_grammar(None, gbnf.encode("utf-8"), b"root")
-    if not sampler:
-        return False
-    llama_cpp.llama_sampler_free(sampler)
-    return True
 
 
 def stop_strings(task: Task) -> list[str]:
@@ -155,8 +129,8 @@ def render_task_prompt(task: Task, input_text: str) -> str:
     if isinstance(task, TransformTask):
         head.append(f"Style: {task.style}")
     blocks = ["\n".join(head)]
-    blocks += [f"Input: {_flat(i)}\nOutput: {o}" for i, o in _shots(task)]
-    blocks.append(f"Input: {_flat(input_text)}\nOutput:")
+    blocks += [f"Input: {flat(i)}\nOutput: {o}" for i, o in _shots(task)]
+    blocks.append(f"Input: {flat(input_text)}\nOutput:")
     return "\n\n".join(blocks)
 
 
@@ -166,8 +140,8 @@ def task_messages(task: Task, input_text: str) -> list[dict[str, str]]:
     system = task.system.strip() + (f"\nStyle: {task.style}" if isinstance(task, TransformTask) else "")
     messages = [{"role": "system", "content": system}]
     for i, o in _shots(task):
-        messages += [{"role": "user", "content": _flat(i)}, {"role": "assistant", "content": o}]
-    messages.append({"role": "user", "content": _flat(input_text)})
+        messages += [{"role": "user", "content": flat(i)}, {"role": "assistant", "content": o}]
+    messages.append({"role": "user", "content": flat(input_text)})
     return messages
 
 
@@ -197,24 +171,7 @@ def render_input_prompt(
     values = dict(axes_values or {})
     if set(values) - set(task.axes):
         raise ValueError(f"task {task.name!r} has no axis {sorted(set(values) - set(task.axes))[0]!r}")
-    rng = random.Random(seed)
-    target: Label | None = None
-    other: Label | None = None
-    if isinstance(task, ClassifyTask):
-        if label is None:
-            raise ValueError(f"task {task.name!r} is a classify task: give the label to write an input for")
-        target = task.label(label)
-        other = task.label(hard_negative) if hard_negative is not None else None
-        rest = [(lb, rng.choice(lb.examples)) for lb in task.labels if lb not in (target, other)]
-        rng.shuffle(rest)
-        shots: list[tuple[Label | None, str]] = rest
-        for lb in [other, target] if other else [target]:
-            shots += [(lb, e) for e in rng.sample(lb.examples, len(lb.examples))]
-    else:
-        if label is not None or hard_negative is not None:
-            raise ValueError(f"task {task.name!r} has no labels")
-        inputs = task.example_inputs()
-        shots = [(None, e) for e in rng.sample(inputs, len(inputs))]
+    target, other, shots = _input_shots(task, label, hard_negative, random.Random(seed))
     if prompt is not None:
         render = prompt.render_messages if chat else prompt.render_completion
         return render(
@@ -232,11 +189,35 @@ def render_input_prompt(
                 "hard_negative_description": other.description if other else "",
             }
         )
-
-    def head(lb: Label) -> str:
-        return f"{_title(task.name)}: {lb.name} ({lb.description})"
-
     notes = ", ".join([*(values[axis] for axis in task.axes if axis in values), *([edge_case] if edge_case else [])])
+    return _builtin_input_prompt(task, target, shots, notes, chat)
+
+
+def _input_shots(task: Task, label: str | None, hard_negative: str | None,
+                 rng: random.Random) -> tuple[Label | None, Label | None, list[tuple[Label | None, str]]]:
+    """The label to write for, its hard negative, and the few-shot (label, example input) pairs in order."""
+    if not isinstance(task, ClassifyTask):
+        if label is not None or hard_negative is not None:
+            raise ValueError(f"task {task.name!r} has no labels")
+        inputs = task.example_inputs()
+        return None, None, [(None, e) for e in rng.sample(inputs, len(inputs))]
+    if label is None:
+        raise ValueError(f"task {task.name!r} is a classify task: give the label to write an input for")
+    target = task.label(label)
+    other = task.label(hard_negative) if hard_negative is not None else None
+    rest = [(lb, rng.choice(lb.examples)) for lb in task.labels if lb not in (target, other)]
+    rng.shuffle(rest)
+    shots: list[tuple[Label | None, str]] = list(rest)
+    for lb in [other, target] if other else [target]:
+        shots += [(lb, e) for e in rng.sample(lb.examples, len(lb.examples))]
+    return target, other, shots
+
+
+def _builtin_input_prompt(task: Task, target: Label | None, shots: list[tuple[Label | None, str]], notes: str,
+                          chat: bool) -> str | list[dict[str, str]]:
+    def head(lb: Label) -> str:
+        return f"{title(task.name)}: {lb.name} ({lb.description})"
+
     if target:
         last = [head(target) + (f" - {notes}" if notes else "")]
     else:
@@ -245,13 +226,13 @@ def render_input_prompt(
         # The chat form of the same prompt: the description as the system message, each shot a request
         # (its label line) answered with the example input, then the label line of the new input.
         ask = f"Write one {task.input_name.lower()}, on one line."
-        messages = [{"role": "system", "content": _flat(task.input_description or task.system) + " " + ask}]
+        messages = [{"role": "system", "content": flat(task.input_description or task.system) + " " + ask}]
         for lb, e in shots:
-            messages += [{"role": "user", "content": head(lb) if lb else ask}, {"role": "assistant", "content": _flat(e)}]
+            messages += [{"role": "user", "content": head(lb) if lb else ask}, {"role": "assistant", "content": flat(e)}]
         messages.append({"role": "user", "content": "\n".join(last) or ask})
         return messages
-    blocks = [_flat(task.input_description or task.system)]
-    blocks += ["\n".join([*([head(lb)] if lb else []), f"{task.input_name}: {_flat(e)}"]) for lb, e in shots]
+    blocks = [flat(task.input_description or task.system)]
+    blocks += ["\n".join([*([head(lb)] if lb else []), f"{task.input_name}: {flat(e)}"]) for lb, e in shots]
     blocks.append("\n".join([*last, f"{task.input_name}:"]))
     return "\n\n".join(blocks)
 
@@ -272,14 +253,14 @@ def copied_scaffold(
     pieces += [edge_case] if edge_case else []
     if isinstance(task, ClassifyTask):
         pieces += [f"{label.name} (" for label in task.labels]
-    folded = _flat(text).casefold()
-    return next((piece for piece in pieces if _flat(piece).casefold() in folded), None)
+    folded = flat(text).casefold()
+    return next((piece for piece in pieces if flat(piece).casefold() in folded), None)
 
 
 def parse_input(text: str) -> str | None:
     """The input the teacher wrote: its first line, without surrounding quotes and extra spaces; None if empty."""
     line = text.strip().split("\n", 1)[0] if text.strip() else ""
-    line = _flat(line)
+    line = flat(line)
     if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
         line = line[1:-1].strip()
     return line or None

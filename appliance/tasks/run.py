@@ -21,17 +21,19 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..recipes.run import RunSummary, find_resumable, summarize
 from ..engine.types import SamplingParams
 from ..errors import ApplianceError
 from ..events import RunEvents
-from ..export import Example, parse_split_spec, split_examples
+from ..data.examples import Example
+from ..data.splits import parse_split_spec, split_examples
+from ..runs.queries import find_resumable
+from ..runs.summary import RunSummary, summarize
 from ..models.registry import Registry
 from ..runs.style import PromptStyle, style_for
 from ..data.filters import NearDuplicateIndex, Verdict
 from ..runs.items import Item, item_seeds, merge
 from ..runs.session import RunSession, Workload
-from ..store.database import Store, insert_row, utcnow
+from ..store import Store, insert_row, utcnow
 from .prompts import (
     INPUT_STOP,
     copied_scaffold,
@@ -43,7 +45,8 @@ from .prompts import (
     stop_strings,
     task_messages,
 )
-from .spec import ClassifyTask, LoadedTaskSpec, Task, label_targets, task_targets
+from .kinds import ClassifyTask, Task
+from .spec import LoadedTaskSpec, label_targets, task_targets
 
 MAX_ROUNDS = 3
 OUTPUT_MAX_TOKENS = {"classify": 16, "extract": 160, "transform": 128}  # one answer of each kind, teacher and student
@@ -184,23 +187,13 @@ def run_task_spec(
     style = style_for(record, mode=mode or spec.mode, chat_template=chat_template or spec.chat_template, fewshot=False)
     run_id, complete = _find_run(store, loaded, resume, new_run, style)
     resumed = run_id is not None and not complete
-    targets = task_targets(spec)
-    label_goal = {t.name: label_targets(t, targets[t.name]) for t in spec.tasks if t.kind == "classify"}
-
-    def goals() -> dict[tuple[str, str | None], int]:
-        out: dict[tuple[str, str | None], int] = {}
-        for task in spec.tasks:
-            if task.kind == "classify":
-                out.update({(task.name, label): n for label, n in label_goal[task.name].items()})
-            else:
-                out[(task.name, None)] = targets[task.name]
-        return out
+    goals = _goals(spec)
 
     if complete:
         assert run_id is not None
-        _judge_and_store(store, run_id, loaded, _rebuild(store, run_id, loaded, style), goals(), ratios)
+        _judge_and_store(store, run_id, loaded, _rebuild(store, run_id, loaded, style), goals, ratios)
         summary = summarize(store, run_id)
-        summary.already_complete, summary.table_lines = True, _counts_table(store, run_id, goals())
+        summary.already_complete, summary.table_lines = True, _counts_table(store, run_id, goals)
         return summary
 
     answers: list[Answer] = []
@@ -208,7 +201,7 @@ def run_task_spec(
     with RunSession(store, record, events=events, n_parallel=n_parallel, cluster=cluster) as session:
         for round_no in range(MAX_ROUNDS):
             have = _kept_counts(answers, spec)
-            deficits = {key: goal - have.get(key, 0) for key, goal in goals().items() if goal - have.get(key, 0) > 0}
+            deficits = {key: goal - have.get(key, 0) for key, goal in goals.items() if goal - have.get(key, 0) > 0}
             if not deficits:
                 break
             items = _input_items(loaded, round_no, deficits, style)
@@ -232,17 +225,29 @@ def run_task_spec(
         if session.run_id is None:
             raise ApplianceError("the task spec produced no items")
         run_id = session.run_id
-        _judge_and_store(store, run_id, loaded, answers, goals(), ratios)
-        for message in _shortfalls(store, run_id, spec, goals()):
+        _judge_and_store(store, run_id, loaded, answers, goals, ratios)
+        for message in _shortfalls(store, run_id, spec, goals):
             session.event("warning", message)
         session.complete()
         loads = session.loads
     summary = summarize(store, run_id)
     summary.resumed, summary.already_complete = resumed, complete
-    summary.table_lines = _counts_table(store, run_id, goals())
+    summary.table_lines = _counts_table(store, run_id, goals)
     summary.execution = merge(executions)
     summary.model_loads = loads
     return summary
+
+
+def _goals(spec: Any) -> dict[tuple[str, str | None], int]:
+    """Examples to keep per (task, label) (classify) or per (task, None): the spec's targets."""
+    targets = task_targets(spec)
+    out: dict[tuple[str, str | None], int] = {}
+    for task in spec.tasks:
+        if task.kind == "classify":
+            out.update({(task.name, label): n for label, n in label_targets(task, targets[task.name]).items()})
+        else:
+            out[(task.name, None)] = targets[task.name]
+    return out
 
 
 def _workloads(loaded: LoadedTaskSpec, inputs: list[Item], style: PromptStyle) -> list[Workload]:

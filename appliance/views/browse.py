@@ -20,7 +20,7 @@ import yaml
 from datasette import hookimpl
 
 from ..errors import ApplianceError
-from ..store.database import Store
+from ..store import Store
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8001

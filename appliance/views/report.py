@@ -31,10 +31,11 @@ from .plots import (
     plot_scores,
     plot_speed,
 )
-from ..store.database import Store
+from ..runs.items import RECIPE_KINDS
+from ..store import Store
 
 TEMPLATE_FILE = Path(__file__).with_name("report.html.j2")
-DATASET_KINDS = ("synthetic", "annotated", "augmented", "task")
+DATASET_KINDS = (*RECIPE_KINDS, "task")
 SAMPLES = 6
 TEXT_LIMIT = 1200  # characters of one field shown in a sample (source passages can be long)
 
@@ -367,7 +368,7 @@ class _Builder:
         if not self.gens:
             return f"This run has no outputs: it is {r['status']}{error}."
         if r["kind"] in DATASET_KINDS and not any(e["kept"] for e in self.examples):
-            from ..recipes.run import summarize
+            from ..runs.summary import summarize
 
             why = summarize(self.store, self.run_id).why_nothing() or "kept nothing: no example has been judged yet"
             return f"This run {why}."

@@ -1,0 +1,142 @@
+"""A recipe run's filters: every verdict for the final attempt of every item, and the run's verdicts and
+examples replaced in one transaction, so a resumed run ends with the same result as an uninterrupted one.
+
+- synthetic: instruction = the recipe's `instruction` template over the axes, output = the model's text;
+- annotated: instruction = the model's text, output = the ORIGINAL chunk, guarded against echoes;
+- augmented: question (+ the chunk as input) -> answer, checked for grounding in its chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2.sandbox
+
+from ..data.filters import (EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty,
+                            check_truncated, cue_verdict, echo_metrics)
+from ..runs.summary import fidelity_labels
+from ..store import Store, insert_row, utcnow
+from . import fidelity
+from .recipe import Recipe
+from .retry import attempt_of, attempts, cleaned
+
+
+@dataclass
+class Candidate:
+    generation_id: int
+    item_index: int
+    instruction: str
+    input: str
+    output: str
+    chunk_id: int | None
+    verdicts: list[Verdict] = field(default_factory=list)
+    echo: dict[str, Any] | None = None
+    replaced: bool = False  # an empty attempt generated again: its verdicts are kept, it makes no example
+
+    @property
+    def kept(self) -> bool:
+        return all(v.passed for v in self.verdicts)
+
+
+_QA = re.compile(r"^\s*(?P<q>.+?)\s*\n+\s*Answer:\s*(?P<a>.+?)\s*$", re.S)
+
+
+def parse_qa(text: str) -> tuple[str, str] | None:
+    """Question and answer from an augmented output: JSON {"question", "answer"} or text "...\\nAnswer: ..."."""
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("question"), str) and isinstance(data.get("answer"), str):
+            return data["question"].strip(), data["answer"].strip()
+    except json.JSONDecodeError:
+        pass
+    m = _QA.match(text)
+    return (m["q"].removeprefix("Question:").strip(), m["a"].strip()) if m else None
+
+
+def judge(recipe: Recipe, gens: list[dict[str, Any]], chunks: dict[int, str], schema: dict | None) -> list[Candidate]:
+    """Every filter's verdict for the final attempt of every item, in item order (an empty attempt that was
+    generated again gets a `not_empty` verdict naming its replacement, and no example)."""
+    f = recipe.filters
+    guard = EchoGuard(max_length_ratio=f.echo_max_length_ratio, max_ngram_overlap=f.echo_max_ngram_overlap, max_shared_run=f.echo_max_shared_run)
+    dedup = NearDuplicateIndex(threshold=f.near_duplicate_threshold) if f.near_duplicate_threshold else None
+    instruction_template = INSTRUCTION_ENV.from_string(recipe.instruction) if recipe.instruction else None
+    finals, superseded = attempts(gens)
+    labelled = fidelity_labels(gens)
+    replaced_by_item: dict[int, list[dict[str, Any]]] = {}
+    for g in gens:
+        if g["id"] in superseded:
+            replaced_by_item.setdefault(attempt_of(g["item_index"])[0], []).append(g)
+    out: list[Candidate] = []
+    for g in finals:
+        item = attempt_of(g["item_index"])[0]
+        for old in replaced_by_item.get(item, []):
+            cand = Candidate(old["id"], item, "", "", "", old["chunk_id"], replaced=True)
+            cand.verdicts.append(Verdict(filter="not_empty", passed=False,
+                                         reason=f"output is empty; generated again with a new seed as item {superseded[old['id']]}"))
+            out.append(cand)
+        text, cue, n_cue = cleaned(g["output"], g["rendered_prompt"])
+        chunk = chunks.get(g["chunk_id"]) if g["chunk_id"] else None
+        variables = json.loads(g["variables_json"] or "{}")
+        if recipe.kind == "synthetic":
+            instruction = instruction_template.render(**variables) if instruction_template else _describe(variables)
+            cand = Candidate(g["id"], item, instruction, "", text, None)
+            checked = text
+        elif recipe.kind == "annotated":
+            cand = Candidate(g["id"], item, text, "", (chunk or "").strip(), g["chunk_id"])
+            checked = text
+        else:
+            qa = parse_qa(text)
+            question, answer = qa if qa else ("", "")
+            cand = Candidate(g["id"], item, question, (chunk or "").strip(), answer, g["chunk_id"])
+            checked = answer
+            cand.verdicts.append(Verdict(filter="parse", passed=qa is not None,
+                                         reason="question and answer found" if qa else "no 'Answer:' after the question"))
+        if n_cue:
+            cand.verdicts.insert(0, cue_verdict(cue or "", n_cue))
+        cand.verdicts.append(check_not_empty(text))
+        cand.verdicts.append(check_truncated(g["finish_reason"], allow_truncated=f.allow_truncated))
+        if f.min_words is not None or f.max_words is not None:
+            cand.verdicts.append(check_length(checked, min_words=f.min_words, max_words=f.max_words))
+        if schema is not None:
+            cand.verdicts.append(check_json(text, schema))
+        if g["id"] in labelled:
+            cand.verdicts.append(fidelity.verdict(labelled[g["id"]]))
+        if recipe.kind == "annotated" and text:
+            metrics = echo_metrics(cand.instruction, cand.output)
+            cand.echo = metrics.model_dump()
+            cand.verdicts.append(guard.judge(metrics))
+        if recipe.kind == "augmented" and answer:
+            cand.verdicts.append(check_grounded(answer, chunk or "", min_score=f.grounding_min_score))
+        if dedup is not None and cand.kept:
+            cand.verdicts.append(dedup.check(str(item + 1), f"{cand.instruction}\n{cand.output}"))
+        out.append(cand)
+    return out
+
+
+INSTRUCTION_ENV = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def _describe(variables: dict[str, Any]) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in sorted(variables.items()))
+
+
+def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[Candidate]) -> None:
+    """Replace the run's verdicts and examples in one transaction."""
+    with store.transaction() as conn:
+        conn.execute("DELETE FROM verdicts WHERE run_id = ?", [run_id])
+        conn.execute("DELETE FROM examples WHERE run_id = ?", [run_id])
+        for c in candidates:
+            for v in c.verdicts:
+                insert_row(conn, "verdicts", {"run_id": run_id, "generation_id": c.generation_id, "filter": v.filter,
+                                              "passed": int(v.passed), "score": v.score, "reason": v.reason})
+            if c.replaced:
+                continue
+            insert_row(conn, "examples", {
+                "run_id": run_id, "generation_id": c.generation_id, "chunk_id": c.chunk_id,
+                "instruction": c.instruction, "input": c.input, "output": c.output, "system": recipe.system,
+                "label": None, "group_key": f"chunk:{c.chunk_id}" if c.chunk_id else f"item:{c.item_index}",
+                "kept": int(c.kept), "created_at": utcnow(),
+            })

@@ -1,0 +1,98 @@
+"""A run's summary, for every run kind: what it asked for, made, kept and dropped (each dropped example
+under the first filter it failed), the empty outputs made again, the fidelity rate per checked axis and
+the echo statistics of annotated runs. `run`, `export`, `report` and the Python API all read it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..data.filters import echo_metrics, summarize_echo
+from ..errors import ApplianceError
+from ..store import Store
+from .items import FIDELITY_BASE, ITEM_LIMIT, RECIPE_KINDS, Execution
+from .queries import first_failures
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    kind: str
+    status: str
+    requested: int
+    generated: int
+    kept: int
+    dropped: dict[str, int]
+    first_reasons: dict[str, str]
+    echo: dict[str, Any] | None
+    skipped_sources: list[tuple[str, str]]
+    execution: Execution | None = None
+    resumed: bool = False  # an unfinished run was continued
+    already_complete: bool = False  # the run found was complete: nothing was generated or resumed
+    table_lines: list[str] = field(default_factory=list)  # per task/label counts of task runs
+    model_loads: int = 0  # model loads this session (1 for a run that generated anything)
+    retried: int = 0  # empty outputs generated again with a new seed
+    fidelity: dict[str, tuple[int, int]] = field(default_factory=dict)  # axis -> (labelled as asked, checked)
+
+    def why_nothing(self) -> str:
+        if self.kept or not self.generated:
+            return ""
+        if not self.dropped:
+            return "kept nothing: no example has been judged yet (run it again to finish it)"
+        parts = [f"{n} by {name} (e.g. {self.first_reasons[name]})" for name, n in sorted(self.dropped.items(), key=lambda kv: -kv[1])]
+        return "kept nothing: dropped " + "; ".join(parts)
+
+
+def summarize(store: Store, run_id: int) -> RunSummary:
+    rows = store.rows("SELECT * FROM runs WHERE id = ?", [run_id])
+    if not rows:
+        raise ApplianceError(f"no run {run_id} (see `appliance runs`)")
+    run = rows[0]
+    recipe_run = run["kind"] in RECIPE_KINDS
+    generated = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?" + (" AND item_index < ?" if recipe_run else ""),
+                           [run_id] + ([ITEM_LIMIT] if recipe_run else []))[0]["n"]  # the items, not their retries or checks
+    retried = store.rows("SELECT count(*) n FROM generations WHERE run_id = ? AND item_index >= ? AND item_index < ?",
+                         [run_id, ITEM_LIMIT, FIDELITY_BASE])[0]["n"] if recipe_run else 0
+    kept = store.rows("SELECT count(*) n FROM examples WHERE run_id = ? AND kept = 1", [run_id])[0]["n"]
+    dropped, reasons = first_failures(store, run_id)
+    echo = None
+    if run["kind"] == "annotated":
+        pairs = store.rows("SELECT instruction, output FROM examples WHERE run_id = ? AND instruction != ''", [run_id])
+        echo = summarize_echo([echo_metrics(r["instruction"], r["output"]) for r in pairs]) if pairs else None
+    skipped = [tuple(m["message"].split(": ", 1)) for m in store.rows(
+        "SELECT message FROM run_events WHERE run_id = ? AND message LIKE 'skipped source %'", [run_id])]
+    return RunSummary(run_id, run["kind"], run["status"], run["requested"], generated, kept, dropped, reasons, echo,
+                      [(p.removeprefix("skipped source "), r) for p, r in skipped], retried=retried,
+                      fidelity=fidelity_rates(store, run_id) if recipe_run else {})
+
+
+def fidelity_labels(gens: list[dict[str, Any]]) -> dict[int, dict[str, tuple[str, str | None]]]:
+    """generation id -> {axis: (asked value, predicted value or None)} from a run's fidelity check
+    generations (item indices from FIDELITY_BASE; `appliance.recipes.fidelity` makes them)."""
+    out: dict[int, dict[str, tuple[str, str | None]]] = {}
+    for g in gens:
+        if g["item_index"] < FIDELITY_BASE:
+            continue
+        v = json.loads(g["variables_json"] or "{}")
+        if v.get("check") != "fidelity":
+            continue
+        predicted = g["output"].strip() or None
+        out.setdefault(v["generation_id"], {})[v["axis"]] = (v["expected"], predicted)
+    return out
+
+
+def fidelity_checks(store: Store, run_id: int) -> dict[int, dict[str, tuple[str, str | None]]]:
+    """`fidelity_labels` of a run's stored check generations."""
+    return fidelity_labels(store.rows(
+        "SELECT item_index, output, variables_json FROM generations WHERE run_id = ? AND item_index >= ?", [run_id, FIDELITY_BASE]))
+
+
+def fidelity_rates(store: Store, run_id: int) -> dict[str, tuple[int, int]]:
+    """Per checked axis: (outputs labelled with the value asked for, outputs checked)."""
+    out: dict[str, tuple[int, int]] = {}
+    for found in fidelity_checks(store, run_id).values():
+        for axis, (asked, predicted) in found.items():
+            hit, n = out.get(axis, (0, 0))
+            out[axis] = (hit + (predicted == asked), n + 1)
+    return dict(sorted(out.items()))

@@ -1,0 +1,248 @@
+"""Migrations: numbered functions, each applied once inside one transaction and recorded in `_migrations`.
+
+Users query these tables with sqlite-utils and Datasette, so tables and columns are named for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+
+def _m001_core(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE models (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            path TEXT NOT NULL UNIQUE,
+            origin TEXT NOT NULL,              -- added | discovered | package
+            sha256 TEXT,
+            file_size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            architecture TEXT,
+            file_type TEXT,
+            n_params INTEGER,
+            context_length INTEGER,
+            block_count INTEGER,
+            head_count INTEGER,
+            head_count_kv INTEGER,
+            key_length INTEGER,
+            vocab_size INTEGER,
+            info_json TEXT,                    -- everything read from the GGUF header
+            added_at TEXT NOT NULL,
+            removed_at TEXT                    -- `models remove` forgets a model but keeps its runs' history
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE prompts (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            source_path TEXT,
+            sha256 TEXT NOT NULL UNIQUE,       -- content hash: an edited prompt is a new row
+            text TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,                -- generate | synthetic | annotated | augmented | task | eval
+            status TEXT NOT NULL,              -- running | completed | interrupted | failed
+            model_id INTEGER REFERENCES models(id),
+            model_sha256 TEXT,
+            prompt_id INTEGER REFERENCES prompts(id),
+            requested INTEGER NOT NULL,        -- items asked for
+            variables_json TEXT,
+            params_json TEXT,                  -- sampling parameters
+            plan_json TEXT,                    -- the memory plan the model was loaded with
+            schema_json TEXT,
+            config_json TEXT,                  -- recipe or command line that made the run
+            error TEXT,
+            started_at TEXT NOT NULL,
+            ended_at TEXT
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE generations (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            item_key TEXT NOT NULL UNIQUE,     -- hash of run, item and seed: writes are idempotent
+            item_index INTEGER NOT NULL,
+            prompt_id INTEGER REFERENCES prompts(id),
+            rendered_prompt TEXT NOT NULL,
+            output TEXT NOT NULL,
+            seed INTEGER NOT NULL,
+            tokens_in INTEGER NOT NULL,
+            tokens_out INTEGER NOT NULL,
+            ms INTEGER NOT NULL,               -- wall time from first decode to last token
+            finish_reason TEXT NOT NULL,       -- stop | length | eos | error
+            parallel INTEGER,                  -- sequences decoded together when this one ran
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX generations_run ON generations(run_id, item_index)")
+    db.execute("CREATE INDEX runs_status ON runs(status)")
+    # Full-text search over outputs, kept in step by triggers (the layout sqlite-utils' enable_fts
+    # makes, written out here because enable_fts commits and a migration must be one transaction).
+    db.execute(
+        "CREATE VIRTUAL TABLE generations_fts USING fts5(output, rendered_prompt, "
+        "content=[generations], content_rowid=id, tokenize='porter')"
+    )
+    db.execute(
+        """CREATE TRIGGER generations_ai AFTER INSERT ON generations BEGIN
+            INSERT INTO generations_fts (rowid, output, rendered_prompt) VALUES (new.id, new.output, new.rendered_prompt);
+        END"""
+    )
+    db.execute(
+        """CREATE TRIGGER generations_ad AFTER DELETE ON generations BEGIN
+            INSERT INTO generations_fts (generations_fts, rowid, output, rendered_prompt)
+            VALUES ('delete', old.id, old.output, old.rendered_prompt);
+        END"""
+    )
+    db.execute(
+        """CREATE TRIGGER generations_au AFTER UPDATE ON generations BEGIN
+            INSERT INTO generations_fts (generations_fts, rowid, output, rendered_prompt)
+            VALUES ('delete', old.id, old.output, old.rendered_prompt);
+            INSERT INTO generations_fts (rowid, output, rendered_prompt) VALUES (new.id, new.output, new.rendered_prompt);
+        END"""
+    )
+
+
+def _m002_datasets(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE sources (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL,
+            record INTEGER,                    -- line number for .jsonl sources
+            title TEXT,
+            sha256 TEXT NOT NULL,
+            n_chars INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (path, record, sha256)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY,
+            source_id INTEGER NOT NULL REFERENCES sources(id),
+            chunk_index INTEGER NOT NULL,
+            max_tokens INTEGER NOT NULL,       -- the chunking setting that produced it
+            start INTEGER NOT NULL,            -- character offsets into the source text
+            "end" INTEGER NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            UNIQUE (source_id, max_tokens, chunk_index)
+        )"""
+    )
+    db.execute("ALTER TABLE generations ADD COLUMN chunk_id INTEGER REFERENCES chunks(id)")
+    db.execute("ALTER TABLE generations ADD COLUMN variables_json TEXT")
+    db.execute("ALTER TABLE runs ADD COLUMN name TEXT")
+    db.execute("ALTER TABLE runs ADD COLUMN recipe_sha256 TEXT")
+    db.execute(
+        """
+        CREATE TABLE verdicts (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            generation_id INTEGER NOT NULL REFERENCES generations(id),
+            filter TEXT NOT NULL,
+            passed INTEGER NOT NULL,
+            score REAL,
+            reason TEXT NOT NULL,
+            UNIQUE (generation_id, filter)
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE examples (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            generation_id INTEGER NOT NULL UNIQUE REFERENCES generations(id),
+            chunk_id INTEGER REFERENCES chunks(id),
+            instruction TEXT NOT NULL,
+            input TEXT NOT NULL DEFAULT '',
+            output TEXT NOT NULL,
+            system TEXT,
+            label TEXT,
+            group_key TEXT,
+            kept INTEGER NOT NULL,             -- 1 when every filter passed
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE run_events (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            level TEXT NOT NULL,               -- info | warning | error
+            message TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX verdicts_run ON verdicts(run_id, filter, passed)")
+    db.execute("CREATE INDEX examples_run ON examples(run_id, kept)")
+    db.execute("CREATE INDEX runs_recipe ON runs(recipe_sha256)")
+
+
+def _m003_tasks(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE examples ADD COLUMN task TEXT")
+    db.execute("ALTER TABLE examples ADD COLUMN confidence REAL")  # self-consistency agreement of the label
+    db.execute("ALTER TABLE examples ADD COLUMN split TEXT")       # assigned by task runs (train/validation/test)
+    db.execute(
+        """
+        CREATE TABLE evals (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL UNIQUE REFERENCES runs(id),     -- the eval's own run (kind 'eval')
+            dataset_run_id INTEGER NOT NULL REFERENCES runs(id),
+            student_model_id INTEGER NOT NULL REFERENCES models(id),
+            split TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            metrics_json TEXT,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE predictions (
+            id INTEGER PRIMARY KEY,
+            eval_id INTEGER NOT NULL REFERENCES evals(id),
+            example_id INTEGER NOT NULL REFERENCES examples(id),
+            generation_id INTEGER REFERENCES generations(id),
+            task TEXT NOT NULL,
+            expected TEXT NOT NULL,
+            predicted TEXT NOT NULL,
+            correct INTEGER NOT NULL,
+            valid INTEGER NOT NULL,
+            UNIQUE (eval_id, example_id)
+        )"""
+    )
+
+
+def _m004_chat(db: sqlite_utils.Database) -> None:
+    db.execute("ALTER TABLE generations ADD COLUMN messages_json TEXT")    # chat mode: the messages before the template
+    db.execute("ALTER TABLE runs ADD COLUMN mode TEXT")                    # chat | completion (how prompts reached the model)
+    db.execute("ALTER TABLE runs ADD COLUMN chat_template_sha256 TEXT")    # the template chat prompts were rendered with
+    db.execute("ALTER TABLE models ADD COLUMN chat_template_sha256 TEXT")  # the GGUF's own tokenizer.chat_template
+
+
+def _m005_provenance(db: sqlite_utils.Database) -> None:
+    # Numbered 5: 4 is taken by the chat-template migration being written beside this one.
+    for column, kind in (("appliance_version", "TEXT"), ("llama_cpp_version", "TEXT"), ("model_file", "TEXT"),
+                         ("model_quant", "TEXT"), ("model_params", "INTEGER"), ("prompt_sha256", "TEXT")):
+        db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
+    (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
+    (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
+    (3, "task data and student evaluations: example task/split/confidence, evals, predictions", _m003_tasks),
+    (4, "chat models: messages per generation, mode and template per run, template hash per model", _m004_chat),
+    (5, "provenance per run: appliance and llama.cpp versions, model file, quantization, parameters, prompt hash", _m005_provenance),
+]
