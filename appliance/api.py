@@ -106,11 +106,11 @@ class Appliance:
                             new_run=new_run, n_parallel=parallel, mode=mode, chat_template=chat_template, events=self.events)
 
     def export(self, run_id: int, out: str | Path, *, format: str = "openai", split: str | None = None,
-               seed: int = 0, resplit: bool = False) -> ExportResult:
+               seed: int = 0, resplit: bool = False, force: bool = False) -> ExportResult:
         """`appliance export`: the run's kept examples in a fine-tuning format, one file per split (a task
-        run's stored splits as stored), with a dataset card."""
+        run's stored splits as stored), with a dataset card; files that exist are refused unless `force`."""
         with self._call():
-            return export_run(self.store, run_id, format, Path(out), split, seed, resplit=resplit)
+            return export_run(self.store, run_id, format, Path(out), split, seed, resplit=resplit, force=force)
 
     def evaluate(self, student: str, dataset_run: int, *, split: str = "test", mode: str = "auto",
                  chat_template: str | None = None, parallel: int | None = None) -> EvalResult:

@@ -32,7 +32,10 @@ class ApplianceGroup(click.Group):
         except RunInterrupted as exc:
             _fail(exc.message, 130)
         except KeyboardInterrupt:
-            _fail("interrupted: rows written so far are kept; `appliance runs` shows how to continue a run", 130)
+            from .store import command_prefix
+
+            runs_cmd = f"{command_prefix(ctx.obj['db'])} runs" if ctx.obj else "appliance runs"
+            _fail(f"interrupted: rows written so far are kept; `{runs_cmd}` shows how to continue a run", 130)
         except BrokenPipeError:
             _quiet_broken_pipe()
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):

@@ -12,6 +12,18 @@ def first_line(message: Any) -> str:
     return f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
+def validation_problem(exc: Any) -> tuple[str, str]:
+    """(key path, message) of a pydantic ValidationError's first error, in words for people: a key the
+    model does not know is an "unknown key", a missing one "is missing"."""
+    err = exc.errors()[0]
+    key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return key, "unknown key"
+    if err["type"] == "missing":
+        return key, "is missing"
+    return key, err["msg"].removeprefix("Value error, ")
+
+
 class ApplianceError(Exception):
     """A problem the user can fix; its message is one line, shown as `Error: <message>`."""
 

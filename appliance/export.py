@@ -12,9 +12,11 @@ from typing import Any
 from .data.card import card_lines, dataset_card, prompts_used
 from .data.examples import Example, ExportError, check_format, write_jsonl
 from .data.splits import cross_split_duplicates, parse_split_spec, split_examples
-from .errors import with_article
+from .errors import ApplianceError, with_article
 from .runs.summary import summarize
 from .store import Store, utcnow
+from .tasks.kinds import ClassifyTask
+from .tasks.spec import parse_task_spec
 
 
 @dataclass
@@ -42,9 +44,9 @@ def stored_splits(store: Store, run_id: int) -> dict[str, float] | None:
 
 
 def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None = None, seed: int = 0,
-               resplit: bool = False) -> ExportResult:
+               resplit: bool = False, force: bool = False) -> ExportResult:
     """Write the run's kept examples in `fmt`, one file per split (`NAME.train.jsonl`, ...), and a
-    dataset card beside them (`NAME.card.md`).
+    dataset card beside them (`NAME.card.md`). Files that exist already are refused unless `force`.
 
     A run that stored splits (a task run) is exported as stored, so no example `eval` tests on lands in
     a training file; a different `split` is refused unless `resplit`, which the card records."""
@@ -90,10 +92,13 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
     else:
         splits = {"all": examples}
         how = "none (one file)"
-    files: dict[str, tuple[Path, int]] = {}
-    for name, part in splits.items():
-        path = out if list(splits) == ["all"] else out.with_name(f"{out.stem}.{name}{out.suffix or '.jsonl'}")
-        files[name] = (path, write_jsonl(path, part, fmt))
+    paths = {name: out if list(splits) == ["all"] else out.with_name(f"{out.stem}.{name}{out.suffix or '.jsonl'}") for name in splits}
+    card = out.with_name(f"{out.stem}.card.md")
+    existing = [str(p) for p in [*paths.values(), card] if p.exists()]
+    if existing and not force:
+        raise ExportError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''} already (an earlier export?): "
+                          "add --force to replace, or choose another --out")
+    files = {name: (paths[name], write_jsonl(paths[name], part, fmt)) for name, part in splits.items()}
     run = store.rows("SELECT r.name, r.kind, m.name AS model FROM runs r LEFT JOIN models m ON m.id = r.model_id WHERE r.id = ?", [run_id])[0]
     crossing, total = cross_split_duplicates(splits) if len(splits) > 1 else (0, 0)
     provenance = card_lines(store, run_id) + [
@@ -106,8 +111,19 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
                              "generated": summary.generated, "kept": summary.kept}
     if summary.retried:
         extra["empty outputs generated again with a new seed"] = summary.retried
-    card = out.with_name(f"{out.stem}.card.md")
     card.write_text(dataset_card(run["name"] or f"run {run_id}", splits, summary.dropped, fmt, extra,
-                                 fidelity=summary.fidelity, provenance=provenance,
-                                 prompts=prompts_used(store, run_id)), encoding="utf-8")
+                                 fidelity=summary.fidelity, provenance=provenance, prompts=prompts_used(store, run_id),
+                                 labels=expected_labels(store, run_id)), encoding="utf-8")
     return ExportResult(files, card, summary.dropped)
+
+
+def expected_labels(store: Store, run_id: int) -> list[str]:
+    """Every label a task run's spec asks examples for, as its examples carry them (`task:label` for classify
+    tasks, the task name for the others), so the card lists a label that kept none; [] for other runs."""
+    config = json.loads(store.rows("SELECT config_json FROM runs WHERE id = ?", [run_id])[0]["config_json"] or "{}")
+    try:
+        spec = parse_task_spec(config["spec"], "the run's stored spec")
+    except (KeyError, ApplianceError):  # not a task run, or a spec this version cannot read: the labels seen
+        return []
+    return [f"{t.name}:{label.name}" for t in spec.tasks if isinstance(t, ClassifyTask) for label in t.labels] + [
+        t.name for t in spec.tasks if not isinstance(t, ClassifyTask)]

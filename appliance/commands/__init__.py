@@ -18,8 +18,16 @@ def open_registry(store):
     return Registry(store)
 
 
-def hint(run_id: int | str = "RUN_ID") -> str:
-    """The report/browse line (`appliance.report.hint`), imported only when printed."""
+def prefix(ctx: click.Context) -> str:
+    """`appliance`, or `appliance --db PATH` when the database is not the default: every command the CLI
+    prints for the user to run names the database it was given."""
+    from ..store import command_prefix
+
+    return command_prefix(ctx.obj["db"])
+
+
+def hint(ctx: click.Context, run_id: int | str = "RUN_ID") -> str:
+    """The report/browse line (`appliance.views.report.hint`), imported only when printed."""
     from ..views import report
 
-    return report.hint(run_id)
+    return report.hint(run_id, prefix(ctx))

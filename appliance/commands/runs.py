@@ -73,13 +73,15 @@ def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, 
 @click.option("--resume", "resume", type=int, metavar="RUN_ID", help="Continue this run (refused if its recipe or prompt changed).")
 @click.option("--new-run", is_flag=True, help="Start a new run even if an unfinished one of this recipe exists.")
 @click.option("--parallel", "n_parallel", type=click.IntRange(min=1), help="Sequences decoded together (default: the plan's).")
-@click.option("--quiet", is_flag=True, help="Do not print outputs as they complete.")
+@click.option("-v", "--verbose", is_flag=True, help="Print every output as it completes (default: a progress bar and the summary; outputs are in `logs`, `report` and `browse`).")
+@click.option("--quiet", is_flag=True, hidden=True, help="The default now: outputs are not printed (kept for old scripts).")
 @click.option("--mode", type=click.Choice(["auto", "chat", "completion"]), help="Prompt through the model's chat template (chat) or as plain text (completion); default: the recipe's, else auto.")
 @click.option("--chat-template", "chat_template", metavar="NAME|FILE", help="Chat template for GGUFs without one (or with a broken one): chatml, llama3, mistral, gemma, ... or a Jinja2 file.")
 @click.option("--ray", "ray", metavar="ADDRESS", help="Generate on a Ray cluster: local (start one on this machine), auto, HOST:PORT or ray://HOST:PORT (join one). Needs appliance[ray].")
 @click.option("--ray-actors", "ray_actors", type=click.IntRange(min=1), help="With --ray: this many actors spread over the nodes (default: one per node, one per GPU on GPU nodes).")
 @click.pass_context
-def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, quiet: bool, mode, chat_template, ray, ray_actors) -> None:
+def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, verbose: bool, quiet: bool,
+            mode, chat_template, ray, ray_actors) -> None:
     """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented) or a task spec
     (`[[tasks]]`: data for small models). Re-running the file continues its unfinished run."""
     from ..launch import run_file
@@ -90,15 +92,15 @@ def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: 
     if ray_actors is not None and ray is None:
         raise ApplianceError("--ray-actors needs --ray ADDRESS")
     store = open_store(ctx)
-    with GenerationProgress(show=None if quiet else text_row) as progress:
+    with GenerationProgress(show=text_row if verbose and not quiet else None) as progress:
         summary = run_file(store, open_registry(store), recipe_file, ray=ray, ray_actors=ray_actors, resume=resume, new_run=new_run,
                            n_parallel=n_parallel, mode=mode, chat_template=chat_template, events=progress)
-    _print_summary(summary)
+    _print_summary(summary, hint(ctx, summary.run_id))
     if summary.kept == 0:
         raise ApplianceError(f"run {summary.run_id} {summary.why_nothing() or 'kept nothing'}")
 
 
-def _print_summary(s) -> None:
+def _print_summary(s, see: str) -> None:
     ex = s.execution
     how = "already complete; --new-run starts another" if s.already_complete else "resumed" if s.resumed else "new"
     if s.kind == "task":
@@ -121,11 +123,13 @@ def _print_summary(s) -> None:
             f"3-gram overlap median {o['median']:.0%} (p90 {o['p90']:.0%}, max {o['max']:.0%})",
             err=True,
         )
+    for line in s.advice:
+        click.echo(f"  fix: {line}", err=True)
     for path, reason in s.skipped_sources:
         click.echo(f"  skipped source {path}: {reason}", err=True)
     for line in s.table_lines:
         click.echo(f"  {line}", err=True)
-    click.echo(f"  {hint(s.run_id)}", err=True)
+    click.echo(f"  {see}", err=True)
 
 
 @click.command("export")
@@ -135,15 +139,16 @@ def _print_summary(s) -> None:
 @click.option("--split", "split", metavar="NAME=RATIO,...", help="e.g. train=0.9,test=0.1: deterministic, no near-duplicates across splits.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")
 @click.option("--resplit", is_flag=True, help="Split a run that stored its splits (a task run) again; the card records it.")
+@click.option("--force", is_flag=True, help="Replace files an earlier export wrote (refused without it).")
 @click.pass_context
-def export_cmd(ctx: click.Context, run_ref: str, fmt: str, out: Path, split: str | None, seed: int, resplit: bool) -> None:
+def export_cmd(ctx: click.Context, run_ref: str, fmt: str, out: Path, split: str | None, seed: int, resplit: bool, force: bool) -> None:
     """Write the examples of RUN (an id, `last`, or a run name) that passed every filter, and a dataset card beside
     them. A task run's stored splits are kept (one file per split), so no example `eval` tests on is trained on."""
     from ..export import export_run
     from ..runs.queries import resolve_run
 
     store = open_store(ctx, readonly=True)
-    result = export_run(store, resolve_run(store, run_ref), fmt, out, split, seed, resplit=resplit)
+    result = export_run(store, resolve_run(store, run_ref), fmt, out, split, seed, resplit=resplit, force=force)
     for name, (path, n) in result.files.items():
         click.echo(f"{name}: {n} examples -> {path}")
     click.echo(f"card: {result.card}")
@@ -176,7 +181,7 @@ def eval_cmd(ctx: click.Context, student: str, dataset_ref: str, split: str, n_p
         return
     click.echo(f"eval {result.eval_id} (run {result.run_id}): {result.n} examples of run {dataset_run}/{split}")
     for name, report in result.reports.items():
-        click.echo(f"\n## {name} ({result.kinds[name]})")
+        click.echo(f"\n## {name} ({result.kinds[name]}, {report['count']} examples)")
         click.echo(format_report(report, result.kinds[name]))
 
 
@@ -196,8 +201,9 @@ def evals_cmd(ctx: click.Context, as_json: bool) -> None:
         click.echo("no evaluations yet: `appliance eval STUDENT --dataset RUN_ID`", err=True)
         return
     for row in rows:
-        scores = "  ".join(f"{task}: {headline(m)}" for task, m in sorted(row["metrics"].items()))
-        click.echo(f"eval {row['id']:>3}  {row['student']:<24} on run {row['dataset_run_id']} ({row['dataset']}/{row['split']}, n={row['n']})  {scores}")
+        scores = "  ".join(f"{task} (n={m.get('count', '?')}): {headline(m)}" for task, m in sorted(row["metrics"].items()))
+        click.echo(f"eval {row['id']:>3}  {row['student']:<24} on run {row['dataset_run_id']} ({row['dataset']}/{row['split']}, "
+                   f"{row['n']} examples)  {scores}")
 
 
 COMMANDS = (generate_cmd, run_cmd, export_cmd, eval_cmd, evals_cmd)

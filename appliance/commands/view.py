@@ -19,7 +19,7 @@ from . import hint, open_store
 @click.pass_context
 def logs(ctx: click.Context, limit: int, query: str | None, run_ref: str | None, as_json: bool) -> None:
     """Show logged generations, newest first."""
-    from ..runs.queries import item_label, resolve_run, search_generations
+    from ..runs.queries import item_label, item_variables, resolve_run, search_generations
 
     store = open_store(ctx, readonly=True)
     run_id = resolve_run(store, run_ref) if run_ref is not None else None
@@ -33,6 +33,9 @@ def logs(ctx: click.Context, limit: int, query: str | None, run_ref: str | None,
             f"## run {row['run_id']} {item_label(row['item_index'], row['variables'])}  {row['model'] or '-'}{prompt}  seed {row['seed']}  "
             f"{row['tokens_in']}+{row['tokens_out']} tokens  {row['ms']} ms  {row['finish_reason']}  {row['created_at']}"
         )
+        made_for = item_variables(row["variables"])
+        if made_for:
+            click.echo(f"(for {made_for})")
         click.echo(row["output"].strip("\n"))
         click.echo()
     if not rows and not as_json:
@@ -64,7 +67,7 @@ def runs(ctx: click.Context, limit: int, as_json: bool) -> None:
     if not rows and not as_json:
         click.echo("no runs yet", err=True)
     elif not as_json:
-        click.echo(hint(), err=True)
+        click.echo(hint(ctx), err=True)
 
 
 

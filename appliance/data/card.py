@@ -70,6 +70,24 @@ def _length_row(field: str, values: list[int]) -> str:
     )
 
 
+def _label_lines(splits: dict[str, list[Example]], everything: list[Example], labels: list[str]) -> list[str]:
+    """The card's label table: every label asked for (0 when none was kept, and said so), then any other label seen."""
+    present = {ex.label for ex in everything if ex.label is not None}
+    label_rows = [*labels, *sorted(present - set(labels))]
+    lines: list[str] = []
+    if label_rows:
+        lines += ["", "## Labels", "", f"| label | {' | '.join(splits)} | total |"]
+        lines.append("| --- |" + " ---: |" * (len(splits) + 1))
+        for label in label_rows:
+            per_split = [sum(ex.label == label for ex in split) for split in splits.values()]
+            lines.append(f"| {label} | {' | '.join(map(str, per_split))} | {sum(per_split)} |")
+        missing = [label for label in label_rows if label not in present]
+        if missing:
+            lines += ["", f"No example kept for {', '.join(missing)}: the spec asks for {'it' if len(missing) == 1 else 'them'}, "
+                      "but every candidate was dropped (see Dropped by filters)."]
+    return lines
+
+
 def dataset_card(
     name: str,
     splits: dict[str, list[Example]],
@@ -80,10 +98,12 @@ def dataset_card(
     fidelity: dict[str, tuple[int, int]] | None = None,
     provenance: list[str] | None = None,
     prompts: list[dict[str, Any]] | None = None,
+    labels: list[str] | None = None,
 ) -> str:
     """A Markdown card: counts per split, label and group; word-length statistics; drops per filter (each
     dropped example under the first filter it failed); the fidelity rate per checked axis; three examples
-    as plain text; provenance lines; the prompt texts in an appendix. `extra` adds lines such as the run."""
+    as plain text; provenance lines; the prompt texts in an appendix. `extra` adds lines such as the run;
+    `labels` lists every label asked for, so one with no example shows as 0."""
     everything = [ex for split in splits.values() for ex in split]
     total = len(everything)
     lines = [f"# {name}", "", f"- format: `{fmt}`", f"- examples: {total}"]
@@ -94,14 +114,7 @@ def dataset_card(
         groups = len({("group", ex.group) if ex.group is not None else ("example", ex.id) for ex in split})
         lines.append(f"| {split_name} | {len(split)} | {share} | {groups} |")
 
-    labels = sorted({ex.label for ex in everything if ex.label is not None})
-    if labels:
-        lines += ["", "## Labels", "", f"| label | {' | '.join(splits)} | total |"]
-        lines.append("| --- |" + " ---: |" * (len(splits) + 1))
-        for label in labels:
-            per_split = [sum(ex.label == label for ex in split) for split in splits.values()]
-            lines.append(f"| {label} | {' | '.join(map(str, per_split))} | {sum(per_split)} |")
-
+    lines += _label_lines(splits, everything, labels or [])
     lines += [
         "",
         "## Lengths (words)",

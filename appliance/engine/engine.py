@@ -24,17 +24,16 @@ context the plan gives is prefix + n_parallel x (suffix + max_tokens).
 
 from __future__ import annotations
 
-import ctypes
 import time
+from dataclasses import replace
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from ..errors import GenerationError
-from .types import Completion, EngineStats, Request, SamplingParams
-from .llama import common_prefix, install_log_capture, last_error_line, load_model, new_context, reset_log, tokenize
+from .types import Completion, EngineStats, Request, SamplingParams, greedy_twins
+from .llama import Pieces, common_prefix, install_log_capture, last_error_line, load_model, new_context, reset_log, tokenize
 from .batch import Batch
 from .grammar import Constrainer, Constraint, Grammar, GrammarError, as_grammar
 from .sampling import Sampler
@@ -78,8 +77,7 @@ class Engine:
         self.n_batch = int(plan.n_batch)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = Batch(llama_cpp, self.ctx, self.n_batch)
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self._pieces: dict[int, bytes] = {}
+        self.piece = Pieces(self.vocab)  # token -> its bytes
         self._produced = 0  # output tokens appended outside a sampling step (forced at a sequence's start)
         self.fast_sampling = True  # False: every token through llama_sampler_sample (for comparisons)
         self.sampling = Sampler(llama_cpp, self.ctx, self.vocab, self.n_vocab)
@@ -97,17 +95,6 @@ class Engine:
         """Tokens of a prompt; with add_bos False the text is taken as it is (a chat-rendered prompt
         carries its own BOS text, parsed as the BOS token)."""
         return tokenize(self.vocab, text, add_special=add_bos)
-
-    def piece(self, token: int) -> bytes:
-        cached = self._pieces.get(token)
-        if cached is not None:
-            return cached
-        n = self._ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-        if n < 0:
-            self._piece_buf = ctypes.create_string_buffer(-n)
-            n = self._ll.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-        self._pieces[token] = piece = self._piece_buf.raw[:n]
-        return piece
 
     def _prompt_tokens(self, request: Request) -> list[int]:
         if request.tokens is not None:
@@ -166,8 +153,16 @@ class Engine:
         reset_log()
         self._produced = 0
         self.last = EngineStats()
+        default = params or SamplingParams()
+        leaders, twins = greedy_twins(requests, default)
         try:
-            yield from self._generate(requests, params or SamplingParams(), n_parallel, on_step, share_prompts)
+            if not twins:
+                yield from self._generate(requests, default, n_parallel, on_step, share_prompts)
+                return
+            batch = [replace(requests[i], key=i) for i in leaders]  # keys become indices, to find each one's twins
+            for done in self._generate(batch, default, n_parallel, on_step, share_prompts):
+                for i in (done.key, *twins.get(done.key, ())):
+                    yield replace(done, key=requests[i].key, seed=requests[i].seed)
         finally:
             self.stats.add(self.last)
 

@@ -86,6 +86,28 @@ def new_context(model: Any, context_params: dict[str, Any]) -> Any:
     return ctx
 
 
+class Pieces:
+    """A vocabulary's token -> bytes, cached (the engine appends each sampled token's piece to its output)."""
+
+    def __init__(self, vocab: Any) -> None:
+        import llama_cpp
+
+        self._ll, self.vocab = llama_cpp, vocab
+        self._buf = ctypes.create_string_buffer(256)
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token: int) -> bytes:
+        cached = self._cache.get(token)
+        if cached is not None:
+            return cached
+        n = self._ll.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:
+            self._buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
+        self._cache[token] = piece = self._buf.raw[:n]
+        return piece
+
+
 class Vocab:
     """A model's tokenizer without its weights (llama.cpp's vocab_only load): for counting tokens
     before the planner decides how the model is loaded."""

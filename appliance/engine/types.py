@@ -5,6 +5,7 @@ engine counters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -77,3 +78,27 @@ class EngineStats:
                 self.retries.extend(other.retries)
             else:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def greedy_twins(requests: Sequence[Request], default: SamplingParams) -> tuple[list[int], dict[int, list[int]]]:
+    """Requests that must come out identical: greedy (temperature 0) with the same prompt, settings and grammar.
+    Decoded side by side they would not always be (each sits in a different batch, and llama.cpp's sums
+    differ with the batch), so only the first of each group is decoded and its completion is given to the
+    others. Returns the indices to decode, and for each of them the indices of its twins."""
+    leaders: list[int] = []
+    twins: dict[int, list[int]] = {}
+    first: dict[Any, int] = {}
+    for i, r in enumerate(requests):
+        p = r.params or default
+        if p.temperature > 0:
+            leaders.append(i)
+            continue
+        grammar = r.grammar if r.grammar is None or isinstance(r.grammar, str) else id(r.grammar)
+        key = (tuple(r.tokens) if r.tokens is not None else r.prompt, r.add_bos, p.model_dump_json(), grammar)
+        if key in first:
+            twins[first[key]].append(i)
+        else:
+            first[key] = i
+            leaders.append(i)
+            twins[i] = []
+    return leaders, {i: js for i, js in twins.items() if js}

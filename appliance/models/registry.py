@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from ..errors import ApplianceError, ModelFileError
 from .info import GGUFInfo
 from .gguf import read_gguf
-from ..store import Store, insert_row, to_json, utcnow
+from ..store import Store, command_prefix, insert_row, to_json, utcnow
 
 MODELS_DIR = Path("models")
 
@@ -213,8 +213,9 @@ class Registry:
         if path.exists() or os.sep in name_or_path or name_or_path.endswith(".gguf"):
             return self.register(path, origin="added")
         names = [r["name"] for r in self.store.rows("SELECT name FROM models WHERE removed_at IS NULL ORDER BY name")]
-        known = ", ".join(names) if names else "none registered"
-        raise ApplianceError(f"unknown model {name_or_path!r} (known: {known}; `appliance models add PATH` adds one)")
+        known = ", ".join(names) if names else "none"
+        raise ApplianceError(f"unknown model {name_or_path!r} in database {self.store.path} (models are registered per database; "
+                             f"known there: {known}; `{command_prefix(self.store.path)} models add PATH` adds one)")
 
     def remove(self, name: str) -> ModelRecord:
         rows = self.store.rows("SELECT * FROM models WHERE name = ? AND removed_at IS NULL", [name])

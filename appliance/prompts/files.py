@@ -63,7 +63,7 @@ import jinja2.sandbox
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..engine.types import SamplingParams
-from ..errors import PromptError
+from ..errors import PromptError, validation_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,7 +83,7 @@ _ENV = jinja2.sandbox.SandboxedEnvironment(
 class PromptHeader(BaseModel):
     """What a prompt file may say about itself; unknown keys are an error (typos would pass silently)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = None
     description: str = ""
@@ -307,9 +307,8 @@ def parse_prompt(text: str, name: str, path: str | None = None) -> PromptFile:
     try:
         header = PromptHeader.model_validate(header_data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise PromptError(f"{where}: header key '{key}': {err['msg'].removeprefix('Value error, ')}") from None
+        key, msg = validation_problem(exc)
+        raise PromptError(f"{where}: header key '{key}': {msg}") from None
     if not body.strip():
         raise PromptError(f"{where}: the prompt has no text after its header")
     try:

@@ -35,6 +35,7 @@ class Candidate:
     verdicts: list[Verdict] = field(default_factory=list)
     echo: dict[str, Any] | None = None
     replaced: bool = False  # an empty attempt generated again: its verdicts are kept, it makes no example
+    system: str | None = None  # the system text the model was given (chat mode), or the recipe's `system`
 
     @property
     def kept(self) -> bool:
@@ -112,6 +113,7 @@ def judge(recipe: Recipe, gens: list[dict[str, Any]], chunks: dict[int, str], sc
             cand.verdicts.append(check_grounded(answer, chunk or "", min_score=f.grounding_min_score))
         if dedup is not None and cand.kept:
             cand.verdicts.append(dedup.check(str(item + 1), f"{cand.instruction}\n{cand.output}"))
+        cand.system = recipe.system if recipe.system is not None else system_message(g.get("messages_json"))
         out.append(cand)
     return out
 
@@ -121,6 +123,12 @@ INSTRUCTION_ENV = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUnd
 
 def _describe(variables: dict[str, Any]) -> str:
     return "\n".join(f"{k}: {v}" for k, v in sorted(variables.items()))
+
+
+def system_message(messages_json: str | None) -> str | None:
+    """The system message a chat-mode generation was prompted with (what exported examples carry), else None."""
+    messages = json.loads(messages_json) if messages_json else []
+    return next((m["content"] for m in messages if m.get("role") == "system"), None)
 
 
 def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[Candidate]) -> None:
@@ -136,7 +144,7 @@ def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[
                 continue
             insert_row(conn, "examples", {
                 "run_id": run_id, "generation_id": c.generation_id, "chunk_id": c.chunk_id,
-                "instruction": c.instruction, "input": c.input, "output": c.output, "system": recipe.system,
+                "instruction": c.instruction, "input": c.input, "output": c.output, "system": c.system,
                 "label": None, "group_key": f"chunk:{c.chunk_id}" if c.chunk_id else f"item:{c.item_index}",
                 "kept": int(c.kept), "created_at": utcnow(),
             })

@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import ApplianceError
+from ..errors import ApplianceError, validation_problem
 from ..runs.files import Sampling, read_toml_file
 from ..runs.items import RecipeKind
 
@@ -45,7 +45,8 @@ AxisValue = str | int | float | bool
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "16" is not a number (TOML says what type a value is; a quoted number is a typo)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Chunking(_Strict):
@@ -130,10 +131,6 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+        key, msg = validation_problem(exc)
         raise RecipeError(f"recipe {p}: key '{key}': {msg}") from None
     return LoadedRecipe(recipe=recipe, path=str(p), text=text, sha256=hashlib.sha256(text.encode()).hexdigest())

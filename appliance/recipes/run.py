@@ -128,47 +128,46 @@ def run_recipe(
     style = style_for(record, prompt=prompt, mode=mode or recipe.mode, chat_template=chat_template or recipe.chat_template,
                       system=recipe.system)
     run_id, complete = find_run(store, loaded, prompt, resume, new_run, style)
+    if complete:  # nothing to generate and its verdicts stand (the same recipe and prompt): no items, no judging
+        summary = summarize(store, run_id)
+        summary.already_complete = True
+        return summary
 
     chunks, skipped = _read_chunks(store, loaded, record.path, events)
     items = build_items(loaded, prompt, chunks, style)
     if len(items) >= ITEM_LIMIT:
         raise ApplianceError(f"recipe {loaded.path} makes {len(items)} items; at most {ITEM_LIMIT - 1} fit one run")
 
-    execution = None
     resumed = run_id is not None
-    if not complete:
-        with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel, cluster=cluster) as session:
-            todo = pending(store, run_id, items)
-            session.prepare([([it.prompt for it in todo or items], params)])
-            prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
-            if run_id is None:
-                run_id = session.begin(
-                    kind=recipe.kind, name=_run_name(loaded), recipe_sha256=loaded.sha256, model_id=record.id,
-                    model_sha256=registry.ensure_sha256(record), prompt_id=prompt_id, requested=len(items),
-                    variables=recipe.vars, params={**params.model_dump(), "seed": recipe.seed},
-                    schema=schema[0] if schema else None,
-                    config={"recipe_path": loaded.path, "recipe": recipe.model_dump(by_alias=True)}, **style.run_fields(),
-                )
-                for path, reason in skipped:
-                    store.event(run_id, "warning", f"skipped source {path}: {reason}")
-            else:
-                session.attach(run_id)
-            grammar = schema[1] if schema else None
-            execution = session.generate(items, params, prompt_id=prompt_id, grammar=grammar)
-            retries = run_retries(session, prompt_id, items, params, recipe.seed, grammar=grammar)
-            checked = fidelity.run_checks(session, checks, _finals(store, run_id), recipe.seed) if checks else None
-            for message in fidelity.uninformative(store, run_id) if checked else []:
-                session.event("warning", message)
-            execution = merge([execution, *retries, *([checked] if checked else [])])
-            _judge_run(store, run_id, recipe, chunks, schema)
-            session.complete()
-            loads = session.loads
-    else:
+    with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel, cluster=cluster) as session:
+        todo = pending(store, run_id, items)
+        session.prepare([([it.prompt for it in todo or items], params)])
+        prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
+        if run_id is None:
+            run_id = session.begin(
+                kind=recipe.kind, name=_run_name(loaded), recipe_sha256=loaded.sha256, model_id=record.id,
+                model_sha256=registry.ensure_sha256(record), prompt_id=prompt_id, requested=len(items),
+                variables=recipe.vars, params={**params.model_dump(), "seed": recipe.seed},
+                schema=schema[0] if schema else None,
+                config={"recipe_path": loaded.path, "recipe": recipe.model_dump(by_alias=True)}, **style.run_fields(),
+            )
+            for path, reason in skipped:
+                store.event(run_id, "warning", f"skipped source {path}: {reason}")
+        else:
+            session.attach(run_id)
+        grammar = schema[1] if schema else None
+        execution = session.generate(items, params, prompt_id=prompt_id, grammar=grammar)
+        retries = run_retries(session, prompt_id, items, params, recipe.seed, grammar=grammar)
+        checked = fidelity.run_checks(session, checks, _finals(store, run_id), recipe.seed) if checks else None
+        for message in fidelity.uninformative(store, run_id) if checked else []:
+            session.event("warning", message)
+        execution = merge([execution, *retries, *([checked] if checked else [])])
         _judge_run(store, run_id, recipe, chunks, schema)
-        loads = 0
+        session.complete()
+        loads = session.loads
     summary = summarize(store, run_id)
     summary.execution, summary.model_loads = execution, loads
-    summary.resumed, summary.already_complete = resumed and not complete, complete
+    summary.resumed = resumed
     return summary
 
 

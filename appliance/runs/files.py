@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ else:  # pragma: no cover
 class Sampling(BaseModel):
     """A run file's sampling settings; None leaves the prompt file's or the engine's default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -32,12 +33,17 @@ class Sampling(BaseModel):
 
 
 def is_task_spec(path: str | Path) -> bool:
-    """Whether a TOML file is a task spec (it has `[[tasks]]`) rather than a recipe; False when unreadable
-    (the recipe loader then reports the problem)."""
+    """Whether a TOML file is a task spec (it has `[[tasks]]`) rather than a recipe. A file that is not valid
+    TOML is a task spec when a line opens `[[tasks]]`, so its syntax error is reported as a task spec's;
+    False when unreadable (the recipe loader then reports the problem)."""
     try:
-        return "tasks" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return False
+    try:
+        return "tasks" in tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return re.search(r"^\s*\[\[\s*tasks\s*\]\]", text, re.M) is not None
 
 
 def read_toml_file(path: str | Path, what: str, error: type[ApplianceError]) -> tuple[Path, str, dict[str, Any]]:

@@ -9,7 +9,7 @@ import shlex
 from typing import Any
 
 from ..errors import ApplianceError, ResumeError, with_article
-from ..store import Store
+from ..store import Store, command_prefix
 from .items import ITEM_LIMIT, RECIPE_KINDS
 
 _GENERATION_COLUMNS = """
@@ -65,6 +65,16 @@ def item_label(index: int, variables: dict[str, Any] | None) -> str:
     return f"item {index}"
 
 
+_LABEL_KEYS = {"phase", "round", "task", "label", "input_index", "sample", "example_id", "check", "generation_id"}
+
+
+def item_variables(variables: dict[str, Any] | None) -> str:
+    """The values an output was made for (a recipe's axes, a prompt's variables), as one `k=v, ...` line;
+    what `item_label` already says and the source passage (long) are left out."""
+    shown = {k: v for k, v in (variables or {}).items() if k not in _LABEL_KEYS and k != "passage"}
+    return ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+
+
 def list_runs(store: Store, *, limit: int = 20) -> list[dict[str, Any]]:
     """Runs, newest first, with generations done, examples kept, and dropped examples per first failing filter."""
     kinds = ", ".join("?" * len(RECIPE_KINDS))
@@ -80,10 +90,11 @@ def list_runs(store: Store, *, limit: int = 20) -> list[dict[str, Any]]:
         sql += f" LIMIT {int(limit)}"
     runs = store.rows(sql, [*RECIPE_KINDS, ITEM_LIMIT])  # a recipe's items, not their retries or fidelity checks
     drops = drops_by_first_filter(store, [run["id"] for run in runs])
+    prefix = command_prefix(store.path)
     for run in runs:
         run["dropped"] = {name: n for name, (n, _) in drops.get(run["id"], {}).items()}
         run["counts"] = run_counts(run)
-        run["next"] = next_step(run) if run["status"] != "completed" else None
+        run["next"] = next_step(run, prefix) if run["status"] != "completed" else None
         del run["config_json"]
     return runs
 
@@ -124,29 +135,34 @@ def run_counts(run: dict[str, Any]) -> str:
     return f"{done}/{requested} generated, {kept} kept"
 
 
-def next_step(run: dict[str, Any]) -> str:
+def next_step(run: dict[str, Any], prefix: str = "appliance") -> str:
     """The exact command that continues an unfinished run (a row of `runs` with id, kind, config_json), or,
-    for the kinds that cannot be continued, that plainly and the command to run again."""
+    for the kinds that cannot be continued, that plainly and the command to run again. `prefix`:
+    `command_prefix` of the run's database."""
     config = json.loads(run.get("config_json") or "{}")
     run_id, kind = run["id"], run["kind"]
     if kind == "generate":
         command = config.get("command") or []
-        again = f"`appliance {shlex.join(command)}`" if "generate" in command else "the same `appliance generate` command"
+        if "generate" in command:  # the command line as typed (with its own --db, if it had one)
+            command = command[command.index("generate"):]
+            again = f"`{prefix} {shlex.join(command)}`"
+        else:
+            again = f"the same `{prefix} generate` command"
         return f"a generate run cannot be resumed: run {again} again (a new run; run {run_id} keeps what it stored)"
     if kind == "eval":
-        again = (f"`appliance eval {shlex.quote(str(config['student']))} --dataset {config['dataset_run']} "
+        again = (f"`{prefix} eval {shlex.quote(str(config['student']))} --dataset {config['dataset_run']} "
                  f"--split {shlex.quote(str(config['split']))}`" if {"student", "dataset_run", "split"} <= set(config)
-                 else "the same `appliance eval` command")
+                 else f"the same `{prefix} eval` command")
         return f"an eval run cannot be resumed: run {again} again (a new run)"
     path = config.get("recipe_path") or config.get("spec_path")
-    return f"resume with `appliance run {shlex.quote(path) if path else 'FILE'} --resume {run_id}`"
+    return f"resume with `{prefix} run {shlex.quote(path) if path else 'FILE'} --resume {run_id}`"
 
 
 def interrupted_message(store: Store, run_id: int) -> str:
     """The one line a stopped run ends with: which run, what it kept, and the command that continues it."""
     run = store.rows("SELECT id, kind, status, config_json FROM runs WHERE id = ?", [run_id])[0]
     n = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?", [run_id])[0]["n"]
-    return f"interrupted: run {run_id} keeps {n} output{'' if n == 1 else 's'} stored so far; {next_step(run)}"
+    return f"interrupted: run {run_id} keeps {n} output{'' if n == 1 else 's'} stored so far; {next_step(run, command_prefix(store.path))}"
 
 
 def resolve_run(store: Store, ref: str) -> int:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..prompts.chat import ChatTemplate, decide_mode, load_chat_template
-from ..errors import ResumeError
+from ..prompts.chat import BUILTIN_TEMPLATES, ChatTemplate, decide_mode, load_chat_template
+from ..errors import ChatTemplateError, ResumeError
 from ..models.registry import ModelRecord
 from ..prompts.files import PromptFile
 from .items import Item
@@ -88,5 +88,12 @@ def style_for(
     requested = mode or (prompt.header.mode if prompt is not None else None) or "auto"
     template = load_chat_template(record.info, chat_template, record.name)
     is_fewshot = fewshot if fewshot is not None else (prompt.is_fewshot_completion if prompt is not None else False)
+    if requested == "auto" and template is None and prompt is not None and any(t.role == "assistant" or t.role == "user" for t in prompt.turns):
+        raise ChatTemplateError(
+            f"prompt {prompt.path or prompt.name} is written as chat turns (### user / ### assistant) but {record.name} has no chat "
+            f"template, so it would run as plain completion text: pass --chat-template NAME|FILE (built-in: "
+            f"{', '.join(BUILTIN_TEMPLATES)}) for an instruct model, or --mode completion to send the turns as text",
+            "config",
+        )
     resolved = decide_mode(requested, template, is_fewshot, record.name)
     return PromptStyle(mode=resolved, template=template, model_name=record.name, system=system)

@@ -34,6 +34,7 @@ class RunSummary:
     model_loads: int = 0  # model loads this session (1 for a run that generated anything)
     retried: int = 0  # empty outputs generated again with a new seed
     fidelity: dict[str, tuple[int, int]] = field(default_factory=dict)  # axis -> (labelled as asked, checked)
+    advice: list[str] = field(default_factory=list)  # what to change when a filter dropped outputs for a reason the user set
 
     def why_nothing(self) -> str:
         if self.kept or not self.generated:
@@ -64,7 +65,20 @@ def summarize(store: Store, run_id: int) -> RunSummary:
         "SELECT message FROM run_events WHERE run_id = ? AND message LIKE 'skipped source %'", [run_id])]
     return RunSummary(run_id, run["kind"], run["status"], run["requested"], generated, kept, dropped, reasons, echo,
                       [(p.removeprefix("skipped source "), r) for p, r in skipped], retried=retried,
-                      fidelity=fidelity_rates(store, run_id) if recipe_run else {})
+                      fidelity=fidelity_rates(store, run_id) if recipe_run else {},
+                      advice=truncation_advice(store, run) if dropped.get("truncated") else [])
+
+
+def truncation_advice(store: Store, run: dict[str, Any]) -> list[str]:
+    """The fix for outputs dropped as cut off at the token limit: the limit the run used and the lengths seen."""
+    limit = json.loads(run["params_json"] or "{}").get("max_tokens")
+    rows = store.rows("SELECT finish_reason, tokens_out FROM generations WHERE run_id = ? AND item_index < ?", [run["id"], ITEM_LIMIT])
+    cut = sum(r["finish_reason"] == "length" for r in rows)
+    ended = sorted(r["tokens_out"] for r in rows if r["finish_reason"] != "length")
+    seen = (f"the {len(ended)} that ended on their own used {ended[0]}-{ended[-1]} tokens (median {ended[len(ended) // 2]})"
+            if ended else "none ended on its own")
+    return [f"{cut} of {len(rows)} outputs stopped at max_tokens = {limit}; {seen}: raise max_tokens ([sampling] in the recipe) "
+            "so answers can finish, or set [filters] allow_truncated = true to keep cut-off outputs"]
 
 
 def fidelity_labels(gens: list[dict[str, Any]]) -> dict[int, dict[str, tuple[str, str | None]]]:

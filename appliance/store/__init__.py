@@ -3,7 +3,7 @@
 May import: errors, version (nothing above it).
 """
 
-from .database import Store, connect, default_db_path, insert_row, rollback, to_json, utcnow
+from .database import Store, command_prefix, connect, default_db_path, insert_row, rollback, to_json, utcnow
 from .writer import Writer, WriterStats
 
-__all__ = ["Store", "Writer", "WriterStats", "connect", "default_db_path", "insert_row", "rollback", "to_json", "utcnow"]
+__all__ = ["Store", "Writer", "WriterStats", "command_prefix", "connect", "default_db_path", "insert_row", "rollback", "to_json", "utcnow"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sqlite3
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -28,6 +29,15 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 def default_db_path() -> Path:
     """`$APPLIANCE_DB`, else `./appliance.db` in the working folder."""
     return Path(os.environ.get("APPLIANCE_DB") or DEFAULT_DB_NAME)
+
+
+def command_prefix(db: str | Path) -> str:
+    """The `appliance` command as the user must type it to reach this database: `appliance --db PATH`,
+    unless PATH is the one `appliance` opens by itself (./appliance.db, or $APPLIANCE_DB when set)."""
+    path = Path(db)
+    if path.resolve() == default_db_path().resolve():
+        return "appliance"
+    return f"appliance --db {shlex.quote(str(path))}"
 
 
 def utcnow() -> str:

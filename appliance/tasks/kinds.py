@@ -32,7 +32,8 @@ class Problem(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "16" is not a number (TOML says what type a value is; a quoted number is a typo)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def check_line(text: str, key: str) -> None:
@@ -141,6 +142,12 @@ class ClassifyTask(_TaskBase):
         default_factory=list, description="pairs of labels easy to confuse; inputs are written near the boundary"
     )
     hard_negative_share: float = Field(0.2, ge=0, le=1, description="part of the inputs written as hard negatives")
+
+    @field_validator("hard_negatives", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        """TOML and JSON have arrays, not tuples: a pair of two names is a pair."""
+        return [tuple(p) if isinstance(p, list) else p for p in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _check(self) -> ClassifyTask:

@@ -189,9 +189,8 @@ def run_task_spec(
     resumed = run_id is not None and not complete
     goals = _goals(spec)
 
-    if complete:
+    if complete:  # its examples stand as stored (an eval's predictions may point at them): nothing is judged again
         assert run_id is not None
-        _judge_and_store(store, run_id, loaded, _rebuild(store, run_id, loaded, style), goals, ratios)
         summary = summarize(store, run_id)
         summary.already_complete, summary.table_lines = True, _counts_table(store, run_id, goals)
         return summary
@@ -309,21 +308,6 @@ def _collect(store: Store, run_id: int, loaded: LoadedTaskSpec, round_no: int, i
             answer.agreement = n / max(1, len(answer.votes))
         out.append(answer)
     return out
-
-
-def _rebuild(store: Store, run_id: int, loaded: LoadedTaskSpec, style: PromptStyle | None = None) -> list[Answer]:
-    """The answers of a completed run, from its stored generations (for re-judging without generating)."""
-    spec = loaded.spec
-    rows = store.rows("SELECT item_index, output, variables_json FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
-    answers: list[Answer] = []
-    for round_no in sorted({r["item_index"] // ROUND_STRIDE for r in rows}):
-        lo = round_no * ROUND_STRIDE
-        items = [Item(index=r["item_index"], seed=0, prompt="", variables=json.loads(r["variables_json"]))
-                 for r in rows if lo <= r["item_index"] < lo + OUTPUT_OFFSET]
-        if items:
-            inputs = _new_inputs(store, run_id, items, spec, answers)
-            answers += _collect(store, run_id, loaded, round_no, inputs)
-    return answers
 
 
 def _kept_counts(answers: list[Answer], spec) -> Counter:

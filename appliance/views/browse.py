@@ -60,10 +60,73 @@ def prepare_connection(conn: sqlite3.Connection, database: str, datasette: Any) 
     conn.create_function("appliance_targets", 1, targets_json, deterministic=True)
 
 
+READ_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+@hookimpl
+def asgi_wrapper(datasette: Any) -> Any:
+    """Datasette hook: our server answers anything but a read (a POST to `/-/insert`, a write query form)
+    with 405 and one line in the log, before Datasette sees it: the database is read-only."""
+    if getattr(datasette, "appliance_db", None) is None:
+        return None
+
+    def wrap(app: Any) -> Any:
+        async def read_only(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope.get("method", "GET") not in READ_METHODS:
+                _log(f"{scope['method']} {scope.get('path', '')}: refused (405), the database is served read-only")
+                body = b"405 Method Not Allowed: appliance browse serves the database read-only\n"
+                await send({"type": "http.response.start", "status": 405,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"allow", b"GET, HEAD")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await app(scope, receive, send)
+
+        return read_only
+
+    return wrap
+
+
+@hookimpl
+def handle_exception(datasette: Any, request: Any, exception: BaseException) -> Any:
+    """Datasette hook, in place of its default handler (which prints every error's traceback with its
+    local variables to the terminal): the same error page or JSON, and one line in the log."""
+    from datasette import Response
+    from datasette.utils.asgi import Base400
+    from datasette.views.base import DatasetteError
+    from markupsafe import Markup
+
+    async def inner() -> Any:
+        title = None
+        if isinstance(exception, Base400):
+            status, info, message = exception.status, {}, exception.args[0]
+        elif isinstance(exception, DatasetteError):
+            status, info, message, title = exception.status, exception.error_dict, exception.message, exception.title
+            if exception.message_is_html:
+                message = Markup(message)
+        else:
+            status, info, message = 500, {}, str(exception)
+        _log(f"{request.method} {request.path}: {status} {type(exception).__name__}: {str(message).splitlines()[0] if message else ''}")
+        info.update({"ok": False, "error": message, "status": status, "title": title})
+        if request.path.split("?")[0].endswith(".json"):
+            return Response.json(info, status=status)
+        template = datasette.jinja_env.select_template([f"{status}.html", "error.html"])
+        page = await template.render_async(dict(info, urls=datasette.urls, app_css_hash=datasette.app_css_hash(), menu_links=lambda: []))
+        return Response.html(page, status=status)
+
+    return inner
+
+
+def _log(line: str) -> None:
+    print(f"browse: {line}", file=sys.stderr, flush=True)
+
+
 def _register_plugin() -> None:
     from datasette.plugins import pm
 
     if pm.get_plugin(__name__) is None:
+        default = pm.get_plugin("datasette.handle_exception")
+        if default is not None:  # ours answers the same, without a traceback per bad query
+            pm.unregister(default)
         pm.register(sys.modules[__name__], __name__)
 
 
@@ -85,6 +148,7 @@ def make_datasette(path: Path) -> Any:
         settings={"sql_time_limit_ms": 3000, "facet_time_limit_ms": 500, "allow_download": False},
     )
     ds.appliance_db = path.stem
+    ds.client = type(ds.client)(ds)  # its app was built before the mark above: build it again, read-only wrapper included
     return ds
 
 

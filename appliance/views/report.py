@@ -32,6 +32,7 @@ from .plots import (
     plot_speed,
 )
 from ..runs.items import RECIPE_KINDS
+from ..runs.queries import item_variables
 from ..store import Store
 
 TEMPLATE_FILE = Path(__file__).with_name("report.html.j2")
@@ -44,9 +45,10 @@ class ReportError(ApplianceError):
     """The report cannot be written as asked."""
 
 
-def hint(run_id: int | str = "RUN_ID") -> str:
-    """The line `runs` and the end-of-run summary print, so people find both ways of looking."""
-    return f"see the data: appliance report {run_id} --out run-{run_id}.html  |  appliance browse"
+def hint(run_id: int | str = "RUN_ID", prefix: str = "appliance") -> str:
+    """The line `runs` and the end-of-run summary print, so people find both ways of looking; `prefix` is
+    the command as typed for the database (`appliance.runs.queries.command_prefix`)."""
+    return f"see the data: {prefix} report {run_id} --out run-{run_id}.html  |  {prefix} browse"
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -149,7 +151,7 @@ class _Builder:
         self.gens = store.rows("SELECT id, item_index, output, tokens_out, ms, finish_reason, seed, created_at, variables_json "
                                "FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
         self.examples = store.rows(
-            "SELECT e.*, g.output AS raw_output, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "
+            "SELECT e.*, g.output AS raw_output, g.item_index, g.variables_json FROM examples e JOIN generations g ON g.id = e.generation_id "
             "WHERE e.run_id = ? ORDER BY g.item_index, e.id", [run_id])
         self.failed: dict[int, list[dict[str, Any]]] = {}
         verdicts = "SELECT generation_id, filter, reason FROM verdicts WHERE run_id = ? AND passed = 0 ORDER BY id"
@@ -268,9 +270,10 @@ class _Builder:
             metrics = json.loads(ev["metrics_json"] or "{}")
             who = f"eval {ev['id']}: {ev['student']} ({ev['split']}, n={ev['n']})"
             for task, m in sorted(metrics.items()):
-                rows.append([str(ev["id"]), ev["student"], ev["split"], str(ev["n"]), task, headline(m)])
+                rows.append([str(ev["id"]), ev["student"], ev["split"], str(m.get("count", ev["n"])), task, headline(m)])
                 if "labels" in m:
-                    per_task.setdefault(f"{task}: F1 per label", {})[who] = {k: v["f1"] for k, v in m["labels"].items()}
+                    scored = set(m.get("macro_f1_labels", m["labels"]))  # a label with no test example and never predicted has no F1
+                    per_task.setdefault(f"{task}: F1 per label", {})[who] = {k: v["f1"] for k, v in m["labels"].items() if k in scored}
                 elif "fields" in m:
                     fields = {k: v["exact_match"] for k, v in m["fields"].items()}
                     per_task.setdefault(f"{task}: exact match per field", {})[who] = fields
@@ -288,8 +291,8 @@ class _Builder:
         if kind == "eval":
             return self._predictions()
         if kind not in DATASET_KINDS:
-            outs = [Sample(f"#{g['item_index'] + 1}, seed {g['seed']}, {g['tokens_out']} tokens, {g['finish_reason']}",
-                           [("output", _clip(g["output"]))]) for g in _spread(self.gens, SAMPLES)]
+            outs = [Sample(", ".join([f"item {g['item_index']}", *_made_for(g), f"seed {g['seed']}", f"{g['tokens_out']} tokens",
+                                      g["finish_reason"]]), [("output", _clip(g["output"]))]) for g in _spread(self.gens, SAMPLES)]
             return outs, [], "Sample outputs", ""
         kept = [self._example(e) for e in _spread([e for e in self.examples if e["kept"]], SAMPLES)]
         by_filter: dict[str, list[dict[str, Any]]] = {}
@@ -306,7 +309,9 @@ class _Builder:
         return kept, dropped, "Kept examples", "Dropped examples, with the filters' reasons"
 
     def _example(self, e: dict[str, Any]) -> Sample:
-        bits = [f"#{e['item_index'] + 1}" if self.run["kind"] != "task" else f"input {e['item_index']}"]
+        variables = json.loads(e["variables_json"] or "{}")
+        # items are numbered as `logs` numbers them (item_index, from 0); a task example is its input's item
+        bits = [f"item {variables.get('input_index', e['item_index'])}", *_made_for(e)]
         if e["task"]:
             bits.append(e["task"])
         if e["label"]:
@@ -397,6 +402,12 @@ def render(report: Report) -> str:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     template = env.from_string(TEMPLATE_FILE.read_text(encoding="utf-8"))
     return template.render(r=report, svg=lambda p: markupsafe.Markup(p.svg))
+
+
+def _made_for(row: dict[str, Any]) -> list[str]:
+    """`for tone=..., product=...`: the values an output was asked for, when it has any."""
+    made_for = item_variables(json.loads(row.get("variables_json") or "null"))
+    return [f"for {made_for}"] if made_for else []
 
 
 def write_report(store: Store, run_id: int, out: Path) -> Report:
