@@ -12,10 +12,12 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import NamedTuple
 
 import jsonschema
+import numpy as np
 from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -307,6 +309,85 @@ class DuplicateMatch(NamedTuple):
     exact: bool
 
 
+class Sketch:
+    """A finished MinHash as `MinHashLSH` reads it (its length, hash values and scheme): what datasketch's
+    `LeanMinHash` keeps, without the validation that cost more per text than computing the values."""
+
+    __slots__ = ("hashvalues",)
+    scheme = "affine32"
+
+    def __init__(self, hashvalues: np.ndarray) -> None:
+        self.hashvalues = hashvalues
+
+    def __len__(self) -> int:
+        return len(self.hashvalues)
+
+    def jaccard(self, other: Sketch) -> float:
+        """Estimated Jaccard similarity: the share of equal hash values (as `MinHash.jaccard`)."""
+        return float(np.count_nonzero(self.hashvalues == other.hashvalues)) / float(len(self.hashvalues))
+
+
+class Signature(NamedTuple):
+    """What the index knows of one text, computed once: the hash of its normalized words (exact
+    duplicates) and its MinHash (None for a text without words, which can only be an exact duplicate)."""
+
+    digest: str
+    minhash: Sketch | None
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> np.ndarray:
+    """datasketch's permutations for (num_perm, seed), made once per process: `MinHash()` draws them
+    again on every call, which was most of the cost of hashing 100k texts."""
+    return MinHash(num_perm=num_perm, seed=seed).permutations
+
+
+def _fmix32(hv: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer, which datasketch's affine32 scheme applies to every hash before
+    its permutations (uint32 arithmetic wraps, as intended)."""
+    hv = hv ^ (hv >> np.uint32(16))
+    hv = hv * np.uint32(0x85EBCA6B)
+    hv = hv ^ (hv >> np.uint32(13))
+    hv = hv * np.uint32(0xC2B2AE35)
+    return hv ^ (hv >> np.uint32(16))
+
+
+def _shingle_hashes(tokens: list[str], shingle: int) -> bytes:
+    """The 32-bit SHA-1 hash (datasketch's `sha1_hash32`, little-endian) of each distinct word shingle."""
+    size = shingle if len(tokens) >= shingle else 1
+    shingles = {" ".join(tokens[i : i + size]) for i in range(len(tokens) - size + 1)}
+    sha1 = hashlib.sha1
+    return b"".join([sha1(s.encode()).digest()[:4] for s in shingles])
+
+
+def minhash_values(token_lists: list[list[str]], num_perm: int = 128, seed: int = 1, shingle: int = 3) -> np.ndarray:
+    """The hash values `MinHash(num_perm, seed).update_batch(shingles)` gives each non-empty token list,
+    one row each, computed for many texts at once: the same murmur pre-mix and affine permutations as
+    datasketch's affine32 scheme, applied to every shingle of a batch in one numpy expression and
+    reduced per text with `minimum.reduceat` instead of one `MinHash` object and call per text."""
+    a, b = _permutations(num_perm, seed)
+    out = np.empty((len(token_lists), num_perm), dtype=np.uint32)
+    step = max(1, _BATCH_SHINGLES)
+    start = 0
+    while start < len(token_lists):
+        chunks, offsets, total = [], [], 0
+        stop = start
+        while stop < len(token_lists) and (total < step or stop == start):
+            hashed = _shingle_hashes(token_lists[stop], shingle)
+            offsets.append(total)
+            chunks.append(hashed)
+            total += len(hashed) // 4
+            stop += 1
+        hv = _fmix32(np.frombuffer(b"".join(chunks), dtype="<u4").astype(np.uint32))
+        phv = hv[None, :] * a[:, None] + b[:, None]  # permutations x shingles: reduceat along rows is 10x faster
+        out[start:stop] = np.minimum.reduceat(phv, offsets, axis=1).T
+        start = stop
+    return out
+
+
+_BATCH_SHINGLES = 20_000  # shingles hashed per numpy batch: 10 MB of permuted values at 128 permutations
+
+
 class NearDuplicateIndex:
     """Exact duplicates by normalized-text hash, near duplicates by MinHash LSH over word shingles.
 
@@ -315,6 +396,9 @@ class NearDuplicateIndex:
     least `threshold`: LSH finds candidates (banded for at most 0.95, the most datasketch can band at
     128 permutations) and each candidate is checked against `threshold`. Texts shorter than `shingle`
     words use single words. Deterministic for a fixed `seed`. Memory: about 1 KiB per indexed text.
+
+    Every method takes a text or its `Signature`; callers that both query and index a text (or index
+    many) compute signatures once, in bulk with `signatures`.
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: int = 3, seed: int = 1) -> None:
@@ -323,62 +407,68 @@ class NearDuplicateIndex:
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
         self._lsh = MinHashLSH(threshold=min(threshold, 0.95), num_perm=num_perm)
         self._exact: dict[str, str] = {}
-        self._hashes: dict[str, MinHash] = {}
+        self._hashes: dict[str, Sketch] = {}
         self._order: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._order)
 
-    def _minhash(self, tokens: list[str]) -> MinHash:
-        size = self.shingle if len(tokens) >= self.shingle else 1
-        shingles = {" ".join(tokens[i : i + size]).encode() for i in range(len(tokens) - size + 1)}
-        mh = MinHash(num_perm=self.num_perm, seed=self.seed)
-        mh.update_batch(sorted(shingles))
-        return mh
+    def signatures(self, texts: Iterable[str]) -> list[Signature]:
+        """Each text's signature, hashed in bulk (the same values as one `MinHash` per text)."""
+        tokens = [words(t) for t in texts]
+        nonempty = [t for t in tokens if t]
+        values = iter(minhash_values(nonempty, self.num_perm, self.seed, self.shingle))
+        return [Signature(_digest(t), Sketch(next(values)) if t else None)
+                for t in tokens]
 
-    def matches(self, text: str) -> list[DuplicateMatch]:
+    def signature(self, text: str | Signature) -> Signature:
+        return text if isinstance(text, Signature) else self.signatures([text])[0]
+
+    def matches(self, text: str | Signature) -> list[DuplicateMatch]:
         """Indexed items that `text` duplicates: exact ones first, then the most similar, then the earliest.
 
         A text without words can only be an exact duplicate (of another text without words).
         """
-        tokens = words(text)
+        sig = self.signature(text)
         found: dict[str, DuplicateMatch] = {}
-        exact = self._exact.get(_digest(tokens))
+        exact = self._exact.get(sig.digest)
         if exact is not None:
             found[exact] = DuplicateMatch(exact, 1.0, True)
-        if tokens and self._hashes:
-            mh = self._minhash(tokens)
-            for key in self._lsh.query(mh):
-                similarity = float(mh.jaccard(self._hashes[key]))
-                if key not in found and similarity >= self.threshold:
+        if sig.minhash is not None and self._hashes:
+            for key in self._lsh.query(sig.minhash):
+                if key in found:
+                    continue
+                similarity = sig.minhash.jaccard(self._hashes[key])
+                if similarity >= self.threshold:
                     found[key] = DuplicateMatch(key, similarity, False)
         return sorted(found.values(), key=lambda m: (not m.exact, -m.similarity, self._order[m.key]))
 
-    def insert(self, key: str, text: str) -> None:
+    def insert(self, key: str, text: str | Signature) -> None:
         """Index `text` under `key` whether or not it duplicates something (used to build clusters)."""
         if key in self._order:
             raise ValueError(f"key {key!r} is already indexed")
-        tokens = words(text)
+        sig = self.signature(text)
         self._order[key] = len(self._order)
-        self._exact.setdefault(_digest(tokens), key)
-        if tokens:
-            mh = self._minhash(tokens)
-            self._hashes[key] = mh
-            self._lsh.insert(key, mh)
+        self._exact.setdefault(sig.digest, key)
+        if sig.minhash is not None:
+            self._hashes[key] = sig.minhash
+            self._lsh.insert(key, sig.minhash)
 
-    def add(self, key: str, text: str) -> str | None:
+    def add(self, key: str, text: str | Signature) -> str | None:
         """The key of the earlier item `text` duplicates (then it is not indexed), or None (then it is)."""
-        found = self.matches(text)
+        sig = self.signature(text)
+        found = self.matches(sig)
         if found:
             return found[0].key
-        self.insert(key, text)
+        self.insert(key, sig)
         return None
 
-    def check(self, key: str, text: str) -> Verdict:
+    def check(self, key: str, text: str | Signature) -> Verdict:
         """`add` as a verdict; score = estimated Jaccard with the earlier item (None when unique)."""
-        found = self.matches(text)
+        sig = self.signature(text)
+        found = self.matches(sig)
         if not found:
-            self.insert(key, text)
+            self.insert(key, sig)
             return Verdict(filter="duplicate", passed=True, reason="no earlier duplicate")
         match = found[0]
         if match.exact:

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 from .examples import Example, ExportError, dedup_text
-from .filters import NearDuplicateIndex
+from .filters import NearDuplicateIndex, Signature
 
 
 def parse_split_spec(spec: str) -> dict[str, float]:
@@ -56,14 +56,13 @@ def _clusters(examples: list[Example], threshold: float) -> list[list[Example]]:
 
     first_of_group: dict[str, int] = {}
     index = NearDuplicateIndex(threshold=threshold)
-    position = {ex.id: i for i, ex in enumerate(examples)}
+    signatures = _signatures(index, examples)
     for i, ex in enumerate(examples):
         if ex.group is not None:
             union(i, first_of_group.setdefault(ex.group, i))
-        text = dedup_text(ex)
-        for match in index.matches(text):
-            union(i, position[match.key])
-        index.insert(ex.id, text)
+        for match in index.matches(signatures[i]):
+            union(i, int(match.key))
+        index.insert(str(i), signatures[i])
     members: dict[int, list[Example]] = defaultdict(list)
     for i, ex in enumerate(examples):
         members[find(i)].append(ex)
@@ -140,14 +139,28 @@ def cross_split_duplicates(splits: dict[str, list["Example"]], threshold: float 
     """(examples with a near duplicate in another split, examples): measured on the text splits are
     de-duplicated on, MinHash Jaccard at `threshold`."""
     index = NearDuplicateIndex(threshold=threshold)
-    split_of: dict[str, str] = {}
-    for name, part in splits.items():
-        for ex in part:
-            key = f"{name}\x00{ex.id}"
-            split_of[key] = name
-            index.insert(key, dedup_text(ex))
-    crossing = 0
-    for name, part in splits.items():
-        for ex in part:
-            crossing += any(split_of[m.key] != name for m in index.matches(dedup_text(ex)))
-    return crossing, sum(len(p) for p in splits.values())
+    keyed = [(name, ex) for name, part in splits.items() for ex in part]
+    signatures = _signatures(index, [ex for _, ex in keyed])
+    for i, ((name, _ex), sig) in enumerate(zip(keyed, signatures)):
+        index.insert(str(i), sig)
+    crossing = sum(any(keyed[int(m.key)][0] != name for m in index.matches(sig))
+                   for (name, _ex), sig in zip(keyed, signatures))
+    return crossing, len(keyed)
+
+
+# The signatures of the last examples split, by their de-duplication text: `export` splits a run and then
+# measures its cross-split duplicates on the same examples, and each MinHash is computed once, not twice.
+_last_signatures: dict[tuple[int, int, int, str], Signature] = {}
+
+
+def _signatures(index: NearDuplicateIndex, examples: list[Example]) -> list[Signature]:
+    """Each example's signature for `index`, in bulk, reusing those of the previous call (one call's worth
+    is kept: about 1 KiB per example)."""
+    global _last_signatures
+    params = (index.num_perm, index.seed, index.shingle)
+    keys = [(*params, dedup_text(ex)) for ex in examples]
+    missing = list(dict.fromkeys(k for k in keys if k not in _last_signatures))
+    known = {k: _last_signatures[k] for k in keys if k in _last_signatures}
+    known.update(zip(missing, index.signatures([k[3] for k in missing])))
+    _last_signatures = known
+    return [known[k] for k in keys]
