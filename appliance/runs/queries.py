@@ -27,22 +27,31 @@ def _fts_query(text: str) -> str:
 
 
 def search_generations(store: Store, *, limit: int = 3, query: str | None = None, run_id: int | None = None) -> list[dict[str, Any]]:
-    """Newest generations first, optionally matching a full-text query and/or one run."""
+    """Newest generations first, optionally matching a full-text query and/or one run.
+
+    Each form reads only the rows it returns, newest first, so `-n 20` costs the same at 100k rows as at
+    100: a run's rows come from the `generations_run_newest` index (migration 6), a query's from the FTS
+    index walked in descending rowid order (FTS5 gives that order itself; `ORDER BY g.id` would sort
+    every match first).
+    """
     where, params = [], []
-    joins = "JOIN runs r ON r.id = g.run_id LEFT JOIN models m ON m.id = r.model_id LEFT JOIN prompts p ON p.id = g.prompt_id"
+    source = "generations g"
+    order = "g.id DESC"
     if query:
-        joins += " JOIN generations_fts f ON f.rowid = g.id"
+        source = "generations_fts f JOIN generations g ON g.id = f.rowid"
+        order = "f.rowid DESC"
         where.append("generations_fts MATCH ?")
         params.append(_fts_query(query))
+    joins = "JOIN runs r ON r.id = g.run_id LEFT JOIN models m ON m.id = r.model_id LEFT JOIN prompts p ON p.id = g.prompt_id"
     if run_id is not None:
         if not store.rows("SELECT 1 FROM runs WHERE id = ?", [run_id]):
             raise ApplianceError(f"no run {run_id} (see `appliance runs`)")
         where.append("g.run_id = ?")
         params.append(run_id)
-    sql = f"SELECT {_GENERATION_COLUMNS} FROM generations g {joins}"
+    sql = f"SELECT {_GENERATION_COLUMNS} FROM {source} {joins}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY g.id DESC"
+    sql += f" ORDER BY {order}"
     if limit:
         sql += f" LIMIT {int(limit)}"
     rows = store.rows(sql, params)

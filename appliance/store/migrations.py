@@ -239,10 +239,17 @@ def _m005_provenance(db: sqlite_utils.Database) -> None:
         db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
 
+def _m006_newest_first(db: sqlite_utils.Database) -> None:
+    # `logs --run RUN -n 20` reads a run's newest rows: ordered by (run_id, id), the index hands them over
+    # in order, where (run_id, item_index) made SQLite sort every row of the run first (0.5 s at 100k rows).
+    db.execute("CREATE INDEX generations_run_newest ON generations(run_id, id)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
     (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
     (3, "task data and student evaluations: example task/split/confidence, evals, predictions", _m003_tasks),
     (4, "chat models: messages per generation, mode and template per run, template hash per model", _m004_chat),
     (5, "provenance per run: appliance and llama.cpp versions, model file, quantization, parameters, prompt hash", _m005_provenance),
+    (6, "an index of each run's generations newest first (logs --run)", _m006_newest_first),
 ]
