@@ -171,7 +171,12 @@ def run_recipe(
     return summary
 
 
+# What the filters read of a generation (`judge`, `attempts`, `fidelity_labels`): not the whole row, whose
+# prompts and timings would be held in memory for every generation of the run.
+JUDGED_COLUMNS = "id, item_index, output, rendered_prompt, chunk_id, variables_json, finish_reason, messages_json"
+
+
 def _judge_run(store: Store, run_id: int, recipe: Recipe, chunks: list[dict[str, Any]], schema: tuple[dict, Any] | None) -> None:
-    gens = store.rows("SELECT * FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
+    gens = store.rows(f"SELECT {JUDGED_COLUMNS} FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
     chunk_text_by_id = {c["id"]: c["text"] for c in chunks}
     store_judgement(store, run_id, recipe, judge(recipe, gens, chunk_text_by_id, schema[0] if schema else None))
