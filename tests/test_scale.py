@@ -1,0 +1,242 @@
+"""Datasets of 100,000 items (issue 22): the fast paths give the results the slow ones gave.
+
+The near-duplicate index now hashes texts in bulk with permutations made once; the old index (one
+datasketch `MinHash` per call, made twice per kept text) is kept here, verbatim, so the verdicts,
+clusters and splits of the new one are compared with it on a few thousand texts with near duplicates.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import jinja2.sandbox
+import pytest
+from datasketch import MinHash, MinHashLSH
+
+from appliance.data import splits as splits_module
+from appliance.data.examples import Example, dedup_text
+from appliance.data.filters import DuplicateMatch, NearDuplicateIndex, Verdict, minhash_values, words
+from appliance.data.splits import cross_split_duplicates, split_examples
+from appliance.prompts.files import parse_prompt
+from appliance.runs.queries import search_generations
+from appliance.store import Store
+
+
+class OldIndex:
+    """NearDuplicateIndex as it was before issue 22 (appliance/data/filters.py at 0a7c9c9)."""
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: int = 3, seed: int = 1) -> None:
+        self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
+        self.lsh = MinHashLSH(threshold=min(threshold, 0.95), num_perm=num_perm)
+        self.exact: dict[str, str] = {}
+        self.hashes: dict[str, MinHash] = {}
+        self.order: dict[str, int] = {}
+
+    def minhash(self, tokens: list[str]) -> MinHash:
+        size = self.shingle if len(tokens) >= self.shingle else 1
+        shingles = {" ".join(tokens[i : i + size]).encode() for i in range(len(tokens) - size + 1)}
+        mh = MinHash(num_perm=self.num_perm, seed=self.seed)
+        mh.update_batch(sorted(shingles))
+        return mh
+
+    def matches(self, text: str) -> list[DuplicateMatch]:
+        import hashlib
+
+        tokens = words(text)
+        found: dict[str, DuplicateMatch] = {}
+        exact = self.exact.get(hashlib.sha256(" ".join(tokens).encode()).hexdigest())
+        if exact is not None:
+            found[exact] = DuplicateMatch(exact, 1.0, True)
+        if tokens and self.hashes:
+            mh = self.minhash(tokens)
+            for key in self.lsh.query(mh):
+                similarity = float(mh.jaccard(self.hashes[key]))
+                if key not in found and similarity >= self.threshold:
+                    found[key] = DuplicateMatch(key, similarity, False)
+        return sorted(found.values(), key=lambda m: (not m.exact, -m.similarity, self.order[m.key]))
+
+    def insert(self, key: str, text: str) -> None:
+        import hashlib
+
+        tokens = words(text)
+        self.order[key] = len(self.order)
+        self.exact.setdefault(hashlib.sha256(" ".join(tokens).encode()).hexdigest(), key)
+        if tokens:
+            mh = self.minhash(tokens)
+            self.hashes[key] = mh
+            self.lsh.insert(key, mh)
+
+    def check(self, key: str, text: str) -> Verdict:
+        found = self.matches(text)
+        if not found:
+            self.insert(key, text)
+            return Verdict(filter="duplicate", passed=True, reason="no earlier duplicate")
+        match = found[0]
+        if match.exact:
+            return Verdict(filter="duplicate", passed=False, score=1.0, reason=f"exact duplicate of item {match.key}")
+        return Verdict(filter="duplicate", passed=False, score=match.similarity,
+                       reason=f"near-duplicate of item {match.key} (estimated Jaccard {match.similarity:.2f})")
+
+
+def old_clusters(examples: list[Example], threshold: float) -> list[list[Example]]:
+    """splits._clusters before issue 22, over the old index."""
+    parent = list(range(len(examples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        parent[max(find(i), find(j))] = min(find(i), find(j))
+
+    first_of_group: dict[str, int] = {}
+    index = OldIndex(threshold=threshold)
+    position = {ex.id: i for i, ex in enumerate(examples)}
+    for i, ex in enumerate(examples):
+        if ex.group is not None:
+            union(i, first_of_group.setdefault(ex.group, i))
+        text = dedup_text(ex)
+        for match in index.matches(text):
+            union(i, position[match.key])
+        index.insert(ex.id, text)
+    members: dict[int, list[Example]] = {}
+    for i, ex in enumerate(examples):
+        members.setdefault(find(i), []).append(ex)
+    return [members[root] for root in sorted(members)]
+
+
+def texts_with_near_duplicates(n: int, seed: int = 5) -> list[str]:
+    """Texts of 0-40 words; a fifth repeat an earlier one with a word or two changed, at every Jaccard
+    from well above to well below 0.8, so verdicts near the threshold are compared too."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(3000)]
+    out: list[str] = []
+    for _ in range(n):
+        if out and rng.random() < 0.2:
+            tokens = rng.choice(out).split()
+            for _ in range(rng.randint(1, 3)):
+                if tokens:
+                    tokens[rng.randrange(len(tokens))] = rng.choice(vocab)
+            out.append(" ".join(tokens) + rng.choice(["", ".", "!"]))
+        else:
+            out.append(" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 40))))
+    return out
+
+
+def test_bulk_hash_values_are_datasketchs() -> None:
+    texts = texts_with_near_duplicates(500)
+    tokens = [words(t) for t in texts if words(t)]
+    old = OldIndex()
+    for row, toks in zip(minhash_values(tokens), tokens):
+        assert (row == old.minhash(toks).hashvalues).all()
+
+
+def test_duplicate_verdicts_unchanged() -> None:
+    texts = texts_with_near_duplicates(3000)
+    old, new = OldIndex(), NearDuplicateIndex()
+    verdicts = [(old.check(str(i), t), new.check(str(i), t)) for i, t in enumerate(texts)]
+    assert all(a == b for a, b in verdicts)
+    dropped = [a for a, _ in verdicts if not a.passed]
+    assert any("near-duplicate" in v.reason for v in dropped) and any("exact" in v.reason for v in dropped)
+    assert any(v.passed for v, _ in verdicts)
+
+
+def test_bulk_signatures_give_the_same_matches_as_texts() -> None:
+    texts = texts_with_near_duplicates(800, seed=9)
+    by_text, by_signature = NearDuplicateIndex(), NearDuplicateIndex()
+    signatures = by_signature.signatures(texts)
+    for i, (text, sig) in enumerate(zip(texts, signatures)):
+        assert by_text.matches(text) == by_signature.matches(sig)
+        by_text.insert(str(i), text)
+        by_signature.insert(str(i), sig)
+
+
+@pytest.fixture
+def examples() -> list[Example]:
+    texts = texts_with_near_duplicates(3000, seed=11)
+    rng = random.Random(3)
+    return [Example(id=str(i), instruction="Write a review.", output=t, group=f"chunk:{rng.randrange(2000)}" if i % 3 == 0 else None,
+                    label=rng.choice(["good", "bad", None]))
+            for i, t in enumerate(texts)]
+
+
+def test_splits_unchanged_for_a_seed(examples: list[Example], monkeypatch: pytest.MonkeyPatch) -> None:
+    ratios = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    new = {seed: split_examples(examples, ratios, seed=seed) for seed in (0, 7)}
+    crossing_new = cross_split_duplicates(new[0])
+    monkeypatch.setattr(splits_module, "_clusters", old_clusters)
+    for seed in (0, 7):
+        old = split_examples(examples, ratios, seed=seed)
+        assert {k: [ex.id for ex in v] for k, v in old.items()} == {k: [ex.id for ex in v] for k, v in new[seed].items()}
+    old_index, parts = OldIndex(), new[0]
+    split_of = {}
+    for name, part in parts.items():
+        for ex in part:
+            split_of[f"{name}\x00{ex.id}"] = name
+            old_index.insert(f"{name}\x00{ex.id}", dedup_text(ex))
+    crossing_old = sum(any(split_of[m.key] != name for m in old_index.matches(dedup_text(ex)))
+                       for name, part in parts.items() for ex in part)
+    assert crossing_new == (crossing_old, len(examples))
+
+
+def test_cross_split_count_sees_near_duplicates_planted_across_splits() -> None:
+    base = "the kettle boils fast and the handle stays cool while the lid clicks shut every single time"
+    splits = {"train": [Example(id="1", instruction="a", output=base)],
+              "test": [Example(id="2", instruction="a", output=base + " indeed"), Example(id="3", instruction="a", output="unrelated words here")]}
+    assert cross_split_duplicates(splits) == (2, 3)
+
+
+def test_prompt_template_compiled_once_for_many_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    prompt = parse_prompt("+++\n[vars]\nx = 1\n+++\nA review {{ x }} of a thing unique to this test:", "t")
+    compiled = []
+    real = jinja2.sandbox.SandboxedEnvironment.from_string
+    monkeypatch.setattr(jinja2.sandbox.SandboxedEnvironment, "from_string",
+                        lambda self, source, *a, **k: compiled.append(source) or real(self, source, *a, **k))
+    assert [prompt.render({"x": i}) for i in range(50)][-1].endswith("49 of a thing unique to this test:")
+    assert len(compiled) <= 1
+
+
+def _grown(path: Path, n: int) -> Store:
+    """A store with two runs whose generations interleave (ids of run 1 and run 2 alternate)."""
+    store = Store(path)
+    runs = [store.start_run(kind="generate", requested=n) for _ in range(2)]
+    with store.transaction() as conn:
+        for i in range(n):
+            conn.execute("INSERT INTO generations (run_id, item_key, item_index, rendered_prompt, output, seed, tokens_in, tokens_out, "
+                         "ms, finish_reason, parallel, created_at) VALUES (?, ?, ?, 'Review:', ?, 1, 1, 1, 1, 'stop', 1, '')",
+                         [runs[i % 2], f"k{i}", i // 2, f"kettle number {i} " + ("lamp" if i % 10 == 0 else "")])
+    return store
+
+
+def test_logs_newest_first_without_sorting_every_match(tmp_path: Path) -> None:
+    store = _grown(tmp_path / "a.db", 400)
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    assert [r["id"] for r in search_generations(store, limit=5, run_id=1)] == [399, 397, 395, 393, 391]
+    assert [r["id"] for r in search_generations(store, limit=3, query="lamp")] == [391, 381, 371]
+    assert [r["id"] for r in search_generations(store, limit=2, query="kettle", run_id=2)] == [400, 398]
+    assert [r["id"] for r in search_generations(store, limit=0, query="lamp", run_id=2)] == []
+    assert len(search_generations(store, limit=0, query="lamp")) == 40
+    store.conn.set_trace_callback(None)
+    selects = [s for s in statements if s.startswith("SELECT g.id") or "FROM generations" in s and "ORDER BY" in s]
+    assert len(selects) == 5
+    for sql in selects:
+        plan = " / ".join(r[3] for r in store.conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "TEMP B-TREE" not in plan, (sql, plan)
+
+
+def test_migration_6_index(tmp_path: Path) -> None:
+    Store(tmp_path / "a.db").close()
+    conn = sqlite3.connect(tmp_path / "a.db")
+    assert conn.execute("SELECT sql FROM sqlite_master WHERE name = 'generations_run_newest'").fetchone()[0].endswith("(run_id, id)")
+
+
+def test_browse_suggests_no_facets(tmp_path: Path) -> None:
+    from appliance.views.browse import make_datasette
+
+    Store(tmp_path / "a.db").close()
+    assert make_datasette(tmp_path / "a.db").setting("suggest_facets") is False
