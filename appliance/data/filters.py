@@ -312,18 +312,16 @@ class DuplicateMatch(NamedTuple):
 class Sketch:
     """A finished MinHash as `MinHashLSH` reads it (its length, hash values and scheme): what datasketch's
     `LeanMinHash` keeps, without the validation that cost more per text than computing the values."""
-
     __slots__ = ("hashvalues",)
     scheme = "affine32"
 
     def __init__(self, hashvalues: np.ndarray) -> None:
         self.hashvalues = hashvalues
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # MinHashLSH checks it against its permutations
         return len(self.hashvalues)
 
-    def jaccard(self, other: Sketch) -> float:
-        """Estimated Jaccard similarity: the share of equal hash values (as `MinHash.jaccard`)."""
+    def jaccard(self, other: Sketch) -> float:  # as `MinHash.jaccard`: the share of equal hash values
         return float(np.count_nonzero(self.hashvalues == other.hashvalues)) / float(len(self.hashvalues))
 
 
@@ -345,19 +343,19 @@ def _permutations(num_perm: int, seed: int) -> np.ndarray:
 def _fmix32(hv: np.ndarray) -> np.ndarray:
     """MurmurHash3's 32-bit finalizer, which datasketch's affine32 scheme applies to every hash before
     its permutations (uint32 arithmetic wraps, as intended)."""
-    hv = hv ^ (hv >> np.uint32(16))
-    hv = hv * np.uint32(0x85EBCA6B)
-    hv = hv ^ (hv >> np.uint32(13))
-    hv = hv * np.uint32(0xC2B2AE35)
+    for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        hv = (hv ^ (hv >> np.uint32(shift))) * np.uint32(mult)
     return hv ^ (hv >> np.uint32(16))
 
 
 def _shingle_hashes(tokens: list[str], shingle: int) -> bytes:
     """The 32-bit SHA-1 hash (datasketch's `sha1_hash32`, little-endian) of each distinct word shingle."""
     size = shingle if len(tokens) >= shingle else 1
-    shingles = {" ".join(tokens[i : i + size]) for i in range(len(tokens) - size + 1)}
     sha1 = hashlib.sha1
-    return b"".join([sha1(s.encode()).digest()[:4] for s in shingles])
+    return b"".join([sha1(s.encode()).digest()[:4] for s in {" ".join(tokens[i : i + size]) for i in range(len(tokens) - size + 1)}])
+
+
+_BATCH_TEXTS = 500  # texts per numpy batch: at 60 shingles each, 15 MB of permuted values
 
 
 def minhash_values(token_lists: list[list[str]], num_perm: int = 128, seed: int = 1, shingle: int = 3) -> np.ndarray:
@@ -366,26 +364,16 @@ def minhash_values(token_lists: list[list[str]], num_perm: int = 128, seed: int 
     datasketch's affine32 scheme, applied to every shingle of a batch in one numpy expression and
     reduced per text with `minimum.reduceat` instead of one `MinHash` object and call per text."""
     a, b = _permutations(num_perm, seed)
-    out = np.empty((len(token_lists), num_perm), dtype=np.uint32)
-    step = max(1, _BATCH_SHINGLES)
-    start = 0
-    while start < len(token_lists):
-        chunks, offsets, total = [], [], 0
-        stop = start
-        while stop < len(token_lists) and (total < step or stop == start):
-            hashed = _shingle_hashes(token_lists[stop], shingle)
-            offsets.append(total)
-            chunks.append(hashed)
-            total += len(hashed) // 4
-            stop += 1
-        hv = _fmix32(np.frombuffer(b"".join(chunks), dtype="<u4").astype(np.uint32))
-        phv = hv[None, :] * a[:, None] + b[:, None]  # permutations x shingles: reduceat along rows is 10x faster
-        out[start:stop] = np.minimum.reduceat(phv, offsets, axis=1).T
-        start = stop
+    hashed = [_shingle_hashes(tokens, shingle) for tokens in token_lists]
+    out = np.empty((len(hashed), num_perm), dtype=np.uint32)
+    for lo in range(0, len(hashed), _BATCH_TEXTS):
+        part = hashed[lo : lo + _BATCH_TEXTS]
+        offsets = np.cumsum([0] + [len(h) // 4 for h in part[:-1]])
+        hv = _fmix32(np.frombuffer(b"".join(part), dtype="<u4").astype(np.uint32))
+        # permutations x shingles, reduced along rows: 10x faster than shingles x permutations along columns
+        out[lo : lo + len(part)] = np.minimum.reduceat(hv[None, :] * a[:, None] + b[:, None], offsets, axis=1).T
     return out
 
-
-_BATCH_SHINGLES = 20_000  # shingles hashed per numpy batch: 10 MB of permuted values at 128 permutations
 
 
 class NearDuplicateIndex:
@@ -396,10 +384,8 @@ class NearDuplicateIndex:
     least `threshold`: LSH finds candidates (banded for at most 0.95, the most datasketch can band at
     128 permutations) and each candidate is checked against `threshold`. Texts shorter than `shingle`
     words use single words. Deterministic for a fixed `seed`. Memory: about 1 KiB per indexed text.
-
-    Every method takes a text or its `Signature`; callers that both query and index a text (or index
-    many) compute signatures once, in bulk with `signatures`.
-    """
+    Every method takes a text or its `Signature`: callers that both query and index a text, or index
+    many, compute signatures once (in bulk: `signatures`)."""
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: int = 3, seed: int = 1) -> None:
         if not 0 < threshold <= 1:
@@ -414,21 +400,21 @@ class NearDuplicateIndex:
         return len(self._order)
 
     def signatures(self, texts: Iterable[str]) -> list[Signature]:
-        """Each text's signature, hashed in bulk (the same values as one `MinHash` per text)."""
-        tokens = [words(t) for t in texts]
-        nonempty = [t for t in tokens if t]
-        values = iter(minhash_values(nonempty, self.num_perm, self.seed, self.shingle))
-        return [Signature(_digest(t), Sketch(next(values)) if t else None)
-                for t in tokens]
+        """Each text's signature, hashed in bulk (the same values as one `MinHash` per text), a batch of
+        texts at a time so that only one batch's words are held."""
+        texts, out = list(texts), []
+        for lo in range(0, len(texts), _BATCH_TEXTS):
+            tokens = [words(t) for t in texts[lo : lo + _BATCH_TEXTS]]
+            values = iter(minhash_values([t for t in tokens if t], self.num_perm, self.seed, self.shingle))
+            out += [Signature(_digest(t), Sketch(next(values)) if t else None) for t in tokens]
+        return out
 
     def signature(self, text: str | Signature) -> Signature:
         return text if isinstance(text, Signature) else self.signatures([text])[0]
 
     def matches(self, text: str | Signature) -> list[DuplicateMatch]:
         """Indexed items that `text` duplicates: exact ones first, then the most similar, then the earliest.
-
-        A text without words can only be an exact duplicate (of another text without words).
-        """
+        A text without words can only be an exact duplicate (of another text without words)."""
         sig = self.signature(text)
         found: dict[str, DuplicateMatch] = {}
         exact = self._exact.get(sig.digest)
@@ -462,6 +448,34 @@ class NearDuplicateIndex:
             return found[0].key
         self.insert(key, sig)
         return None
+
+    def duplicate_pairs(self, signatures: list[Signature]) -> list[tuple[int, int]]:
+        """Every pair (i, j), i < j, of `signatures` that this index calls duplicates, found at once (the
+        index's contents play no part): the same words, or a shared LSH band (this index's bands) with
+        estimated Jaccard at least `threshold`. The pairs `matches` would find one text at a time, with
+        each band grouped by numpy instead of one dictionary update per text and band."""
+        first_of: dict[str, int] = {}
+        pairs = {(first_of.setdefault(sig.digest, i), i) for i, sig in enumerate(signatures)} - {(i, i) for i in range(len(signatures))}
+        rows = np.array([i for i, sig in enumerate(signatures) if sig.minhash is not None], dtype=np.int64)
+        if len(rows) < 2:
+            return sorted(pairs)
+        values = np.stack([signatures[i].minhash.hashvalues for i in rows])  # type: ignore[union-attr]
+        candidates: set[tuple[int, int]] = set()
+        for start, end in self._lsh.hashranges:
+            band = np.ascontiguousarray(values[:, start:end]).view(np.dtype((np.void, 4 * (end - start)))).ravel()
+            _, group, counts = np.unique(band, return_inverse=True, return_counts=True)
+            shared = np.flatnonzero(counts[group] > 1)
+            order = shared[np.argsort(group[shared], kind="stable")]
+            bounds = np.flatnonzero(np.diff(group[order])) + 1
+            for members in map(np.ndarray.tolist, np.split(order, bounds)):
+                candidates.update((a, b) for k, a in enumerate(members) for b in members[k + 1 :])
+        if candidates:
+            left, right = np.array(sorted(candidates), dtype=np.int64).T
+            for lo in range(0, len(left), 65536):  # 8 MB of compared values at a time
+                a, b = left[lo : lo + 65536], right[lo : lo + 65536]
+                keep = np.count_nonzero(values[a] == values[b], axis=1) / float(self.num_perm) >= self.threshold
+                pairs.update(zip(rows[a[keep]].tolist(), rows[b[keep]].tolist()))
+        return sorted(pairs)
 
     def check(self, key: str, text: str | Signature) -> Verdict:
         """`add` as a verdict; score = estimated Jaccard with the earlier item (None when unique)."""

@@ -55,14 +55,12 @@ def _clusters(examples: list[Example], threshold: float) -> list[list[Example]]:
         parent[max(find(i), find(j))] = min(find(i), find(j))
 
     first_of_group: dict[str, int] = {}
-    index = NearDuplicateIndex(threshold=threshold)
-    signatures = _signatures(index, examples)
     for i, ex in enumerate(examples):
         if ex.group is not None:
             union(i, first_of_group.setdefault(ex.group, i))
-        for match in index.matches(signatures[i]):
-            union(i, int(match.key))
-        index.insert(str(i), signatures[i])
+    index = NearDuplicateIndex(threshold=threshold)
+    for i, j in index.duplicate_pairs(_signatures(index, examples)):
+        union(i, j)
     members: dict[int, list[Example]] = defaultdict(list)
     for i, ex in enumerate(examples):
         members[find(i)].append(ex)
@@ -141,11 +139,11 @@ def cross_split_duplicates(splits: dict[str, list["Example"]], threshold: float 
     index = NearDuplicateIndex(threshold=threshold)
     keyed = [(name, ex) for name, part in splits.items() for ex in part]
     signatures = _signatures(index, [ex for _, ex in keyed])
-    for i, ((name, _ex), sig) in enumerate(zip(keyed, signatures)):
-        index.insert(str(i), sig)
-    crossing = sum(any(keyed[int(m.key)][0] != name for m in index.matches(sig))
-                   for (name, _ex), sig in zip(keyed, signatures))
-    return crossing, len(keyed)
+    crossing: set[int] = set()
+    for i, j in index.duplicate_pairs(signatures):
+        if keyed[i][0] != keyed[j][0]:
+            crossing.update((i, j) if signatures[j].minhash is not None else (j,))
+    return len(crossing), len(keyed)
 
 
 # The signatures of the last examples split, by their de-duplication text: `export` splits a run and then
