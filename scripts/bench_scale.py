@@ -179,7 +179,7 @@ def browse_table_s(db: Path) -> float:
 def worker(name: str, *args: str) -> Any:
     """One in-process measurement, in a process of its own (so this one stays small: a child's peak RSS
     starts from its parent's size at fork)."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, *args], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, *args], capture_output=True, text=True, cwd=REPO, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"worker {name} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

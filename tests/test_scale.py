@@ -17,7 +17,13 @@ from datasketch import MinHash, MinHashLSH
 
 from appliance.data import splits as splits_module
 from appliance.data.examples import Example, dedup_text
-from appliance.data.filters import DuplicateMatch, NearDuplicateIndex, Verdict, minhash_values, words
+from appliance.data.filters import (
+    DuplicateMatch,
+    NearDuplicateIndex,
+    Verdict,
+    minhash_values,
+    words,
+)
 from appliance.data.splits import cross_split_duplicates, split_examples
 from appliance.prompts.files import parse_prompt
 from appliance.runs.queries import search_generations

@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import jsonschema
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ApplianceError
@@ -337,12 +336,12 @@ class Signature(NamedTuple):
 def _permutations(num_perm: int, seed: int) -> np.ndarray:
     """datasketch's permutations for (num_perm, seed), made once per process: `MinHash()` draws them
     again on every call, which was most of the cost of hashing 100k texts."""
+    from datasketch import MinHash  # here, not at the top: datasketch imports scipy (1 s), which only de-duplication needs
     return MinHash(num_perm=num_perm, seed=seed).permutations
 
 
 def _fmix32(hv: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finalizer, which datasketch's affine32 scheme applies to every hash before
-    its permutations (uint32 arithmetic wraps, as intended)."""
+    """MurmurHash3's 32-bit finalizer: datasketch's affine32 pre-mix of every hash (uint32 wraps, as intended)."""
     for shift, mult in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
         hv = (hv ^ (hv >> np.uint32(shift))) * np.uint32(mult)
     return hv ^ (hv >> np.uint32(16))
@@ -391,6 +390,7 @@ class NearDuplicateIndex:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
+        from datasketch import MinHashLSH  # see _permutations
         self._lsh = MinHashLSH(threshold=min(threshold, 0.95), num_perm=num_perm)
         self._exact: dict[str, str] = {}
         self._hashes: dict[str, Sketch] = {}
