@@ -455,14 +455,14 @@ class NearDuplicateIndex:
         estimated Jaccard at least `threshold`. The pairs `matches` would find one text at a time, with
         each band grouped by numpy instead of one dictionary update per text and band."""
         first_of: dict[str, int] = {}
-        pairs = {(first_of.setdefault(sig.digest, i), i) for i, sig in enumerate(signatures)} - {(i, i) for i in range(len(signatures))}
+        pairs = {(j, i) for i, sig in enumerate(signatures) if (j := first_of.setdefault(sig.digest, i)) != i}
         rows = np.array([i for i, sig in enumerate(signatures) if sig.minhash is not None], dtype=np.int64)
         if len(rows) < 2:
             return sorted(pairs)
-        values = np.stack([signatures[i].minhash.hashvalues for i in rows])  # type: ignore[union-attr]
+        values = [signatures[i].minhash.hashvalues for i in rows]  # type: ignore[union-attr]
         candidates: set[tuple[int, int]] = set()
-        for start, end in self._lsh.hashranges:
-            band = np.ascontiguousarray(values[:, start:end]).view(np.dtype((np.void, 4 * (end - start)))).ravel()
+        for start, end in self._lsh.hashranges:  # one band at a time: a copy of every sketch would be 50 MB at 100k
+            band = np.stack([v[start:end] for v in values]).view(np.dtype((np.void, 4 * (end - start)))).ravel()
             _, group, counts = np.unique(band, return_inverse=True, return_counts=True)
             shared = np.flatnonzero(counts[group] > 1)
             order = shared[np.argsort(group[shared], kind="stable")]
@@ -471,9 +471,9 @@ class NearDuplicateIndex:
                 candidates.update((a, b) for k, a in enumerate(members) for b in members[k + 1 :])
         if candidates:
             left, right = np.array(sorted(candidates), dtype=np.int64).T
-            for lo in range(0, len(left), 65536):  # 8 MB of compared values at a time
-                a, b = left[lo : lo + 65536], right[lo : lo + 65536]
-                keep = np.count_nonzero(values[a] == values[b], axis=1) / float(self.num_perm) >= self.threshold
+            for lo in range(0, len(left), 16384):  # 8 MB of compared values at a time
+                a, b = left[lo : lo + 16384], right[lo : lo + 16384]
+                keep = np.count_nonzero(np.stack([values[i] for i in a]) == np.stack([values[i] for i in b]), axis=1) / float(self.num_perm) >= self.threshold
                 pairs.update(zip(rows[a[keep]].tolist(), rows[b[keep]].tolist()))
         return sorted(pairs)
 

@@ -146,19 +146,20 @@ def cross_split_duplicates(splits: dict[str, list["Example"]], threshold: float 
     return len(crossing), len(keyed)
 
 
-# The signatures of the last examples split, by their de-duplication text: `export` splits a run and then
-# measures its cross-split duplicates on the same examples, and each MinHash is computed once, not twice.
-_last_signatures: dict[tuple[int, int, int, str], Signature] = {}
+# The signatures of the last examples split, by example object: `export` splits a run and then measures
+# its cross-split duplicates on the same Example objects, and each MinHash is computed once, not twice.
+# Keyed by identity (the entry keeps its example alive, so an id is never reused while cached) rather
+# than by text, which would hold a second copy of every text.
+_last_signatures: dict[tuple[int, int, int, int], tuple[Example, Signature]] = {}
 
 
 def _signatures(index: NearDuplicateIndex, examples: list[Example]) -> list[Signature]:
-    """Each example's signature for `index`, in bulk, reusing those of the previous call (one call's worth
-    is kept: about 1 KiB per example)."""
+    """Each example's signature for `index`, in bulk, reusing those of the previous call for the same
+    example objects (one call's worth is kept: about 1 KiB per example)."""
     global _last_signatures
-    params = (index.num_perm, index.seed, index.shingle)
-    keys = [(*params, dedup_text(ex)) for ex in examples]
-    missing = list(dict.fromkeys(k for k in keys if k not in _last_signatures))
-    known = {k: _last_signatures[k] for k in keys if k in _last_signatures}
-    known.update(zip(missing, index.signatures([k[3] for k in missing])))
+    keys = [(index.num_perm, index.seed, index.shingle, id(ex)) for ex in examples]
+    known = {k: hit for k, ex in zip(keys, examples) if (hit := _last_signatures.get(k)) is not None and hit[0] is ex}
+    missing = [(k, ex) for k, ex in zip(keys, examples) if k not in known]
+    known.update((k, (ex, sig)) for (k, ex), sig in zip(missing, index.signatures([dedup_text(ex) for _, ex in missing])))
     _last_signatures = known
-    return [known[k] for k in keys]
+    return [known[k][1] for k in keys]
