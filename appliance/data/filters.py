@@ -374,7 +374,6 @@ def minhash_values(token_lists: list[list[str]], num_perm: int = 128, seed: int 
     return out
 
 
-
 class NearDuplicateIndex:
     """Exact duplicates by normalized-text hash, near duplicates by MinHash LSH over word shingles.
 
@@ -471,7 +470,7 @@ class NearDuplicateIndex:
                 candidates.update((a, b) for k, a in enumerate(members) for b in members[k + 1 :])
         if candidates:
             left, right = np.array(sorted(candidates), dtype=np.int64).T
-            for lo in range(0, len(left), 16384):  # 8 MB of compared values at a time
+            for lo in range(0, len(left), 16384):  # 16k pairs (16 MB of compared values) at a time
                 a, b = left[lo : lo + 16384], right[lo : lo + 16384]
                 keep = np.count_nonzero(np.stack([values[i] for i in a]) == np.stack([values[i] for i in b]), axis=1) / float(self.num_perm) >= self.threshold
                 pairs.update(zip(rows[a[keep]].tolist(), rows[b[keep]].tolist()))

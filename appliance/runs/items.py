@@ -69,7 +69,7 @@ def pending(store: Store, run_id: int | None, items: list[Item]) -> list[Item]:
     """The items a run has not stored yet (all of them for a run not started), in one query."""
     if run_id is None:
         return list(items)
-    done = {i for (i,) in store.conn.execute("SELECT item_index FROM generations WHERE run_id = ?", [run_id])}  # tuples: 100k dicts cost more than the query
+    done = {r["item_index"] for r in store.rows("SELECT item_index FROM generations WHERE run_id = ?", [run_id])}
     return [it for it in items if it.index not in done]
 
 
