@@ -15,9 +15,9 @@ with its peak RSS (`os.wait4`):
                (export_floor_s), the least any export of those rows can cost
   rerun        `run RECIPE` on the completed run (rerun_complete_s, rerun_complete_rss_mb)
   report       `report RUN --out FILE` (report_s, report_bytes)
-and in this process:
-  logs         the query behind `logs --run RUN -n 20` and `logs -q WORD -n 20`, the slower of the two,
-               best of 3 (logs_ms)
+and in a worker process each:
+  logs         the query behind `logs --run RUN -n 20`, `logs -q review -n 20` (every row matches) and
+               `logs -q WORD -n 20` (a word of one review): the slowest, best of 3 each (logs_ms)
   browse       the `generations` table page from `appliance browse`'s Datasette, after one request to the
                database page, the slowest of 3 (browse_table_s)
 
