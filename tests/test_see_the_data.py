@@ -236,7 +236,8 @@ def test_report_on_a_phone_keeps_plot_sizes_and_gives_their_numbers_as_text(data
         assert balance["header"] == ["task", "label", "kept", "target"]
         assert sum(int(r[3]) for r in balance["rows"]) == 12  # the spec's count, split over tasks and labels
         lengths = plots["Length per label and split."]
-        assert lengths["header"][:3] == ["measure", "row", "split"] and "median" in lengths["header"]
+        assert lengths["header"][:3] == ["words in", "label", "split"] and "median" in lengths["header"]
+        assert {r[0] for r in lengths["rows"]} == {"input", "output"}
 
 
 def test_report_of_a_run_that_kept_nothing_says_why(data, browser):

@@ -164,7 +164,7 @@ def _sample(groups: dict[tuple[Any, ...], list[int]], rng: Any) -> tuple[dict[tu
 
 
 @styled
-def plot_lengths(panels: dict[str, Panel], kept_label: str = "kept") -> Drawn:
+def plot_lengths(panels: dict[str, Panel], kept_label: str = "kept", row_label: str = "label") -> Drawn:
     """One panel per measure (title -> (kept values per row and split, dropped values per row)), one row
     per label: each kept example a dot coloured by its split, dropped ones orange crosses. The table gives
     quantiles per measure, row and split (dropped as its own split)."""
@@ -196,7 +196,7 @@ def plot_lengths(panels: dict[str, Panel], kept_label: str = "kept") -> Drawn:
             for (yy, split), values in every.items():
                 if yy == y:
                     which = "dropped" if split == "\0dropped" else (split or kept_label)
-                    rows.append([title, name, which, *quantiles(values)])
+                    rows.append([title.split()[0], name, which, *quantiles(values)])
         ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
         ax.set_ylim(-0.6, len(names) - 0.4)
         ax.invert_yaxis()
@@ -208,9 +208,10 @@ def plot_lengths(panels: dict[str, Panel], kept_label: str = "kept") -> Drawn:
             handles.setdefault(label, h)
     order = [k for k in ("train", "validation", "test", kept_label, "dropped", f"median of {kept_label}") if k in handles]
     fig.legend([handles[k] for k in order], order, loc="outside upper right", ncols=3, frameon=False)
-    note = (f"The dots are a random sample of {shown:,} of the {total:,} values (seed {SEED}, so the page is the same "
+    note = (f"The marks are a random sample of {shown:,} of the {total:,} lengths (seed {SEED}, so the page is the same "
             "each time); the medians and the table count every one." if shown < total else "")
-    return Drawn(fig, (["measure", "row", "split", *QUANTILE_HEADER], rows), note)
+    unit = re.search(r"\((\w+)\)", next(iter(panels)))  # "input length (words)": words
+    return Drawn(fig, ([f"{unit[1] if unit else 'length'} in", row_label, "split", *QUANTILE_HEADER], rows), note)
 
 
 @styled
@@ -224,6 +225,7 @@ def plot_drops(rows: list[dict[str, Any]]) -> Drawn:
     for y, (p, d) in enumerate(zip(passed, dropped)):
         if d:
             ax.text(p + d, y, f" {d}", va="center")
+    ax.set_xlim(0, max([*(r["judged"] for r in rows), 1]) * 1.1)  # room for the counts written after the bars
     ax.invert_yaxis()
     ax.set_xlabel("generations judged by the filter")
     _legend(fig, ax)
@@ -246,6 +248,7 @@ def plot_balance(targets: dict[tuple[str, str | None], int], kept: dict[tuple[st
     for i, k in enumerate(keys):
         ax.text(max(have[i], targets[k]), i, f" {have[i]}/{targets[k]}", va="center")
     ax.set_yticks(y, names)
+    ax.set_xlim(0, max([*have, *targets.values(), 1]) * 1.18)  # room for kept/target written after the bars
     ax.invert_yaxis()
     ax.set_xlabel("examples")
     _legend(fig, ax)

@@ -202,7 +202,8 @@ class _Builder:
             groups = {}
             for g in self.gens:
                 groups.setdefault(g["finish_reason"], {}).setdefault(None, []).append(g["tokens_out"])
-            self.add("Output length per finish reason", plot_lengths({"output length (tokens)": (groups, {})}, kept_label="outputs"),
+            self.add("Output length per finish reason", plot_lengths({"output length (tokens)": (groups, {})}, kept_label="outputs",
+                                                                      row_label="finish reason"),
                      "Tokens in each output; 'length' means it reached max_tokens and was cut.")
 
     def drops(self) -> None:
