@@ -104,7 +104,7 @@ def speed_points(gens: list[dict[str, Any]], buckets: int = 40) -> list[tuple[fl
     tokens are spread evenly over the time it was decoded (`created_at - ms` to `created_at`), so outputs
     that finish together in one batch do not make a spike; loading a model and pauses between sessions
     show as zero."""
-    spans = [(_time(g["created_at"]) - g["ms"] / 1000, _time(g["created_at"]), g["tokens_out"]) for g in gens]
+    spans = [(end - g["ms"] / 1000, end, g["tokens_out"]) for g in gens for end in [_time(g["created_at"])]]
     if not spans:
         return []
     start, end = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
