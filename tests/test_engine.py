@@ -290,7 +290,10 @@ def test_identical_prompts_decode_their_prompt_once(engines):
     engine = engines(8)
     prompts = [FEWSHOT.format(w=w) for w in WORDS[:3] for _ in range(3)]  # k=3 samples of 3 inputs, consecutive
     params = SamplingParams(temperature=0, max_tokens=8, stop=["\n"])
-    reqs = [Request(key=i, prompt=p, seed=i) for i, p in enumerate(prompts)]
+    # each sample its own max_tokens, so they are not greedy twins (which decode once: test_everyday) but
+    # three requests with one prompt, as k samples at a temperature are
+    reqs = [Request(key=i, prompt=p, seed=i, params=params.model_copy(update={"max_tokens": 8 + i % 3}))
+            for i, p in enumerate(prompts)]
     shared = {c.key: c.text for c in engine.generate(reqs, params)}
     saved, decoded = engine.last.shared_prompt_tokens, engine.last.prompt_tokens
     alone = {c.key: c.text for c in engine.generate(reqs, params, share_prompts=False)}
@@ -310,11 +313,13 @@ def test_prompts_that_begin_alike_copy_those_cells(engines):
     and decodes only its input; the outputs are the ones decoding every prompt whole gives."""
     prompts = [(FEWSHOT if i % 2 else UPPER).format(w=w) for i, w in enumerate(WORDS + WORDS)]
     params = SamplingParams(temperature=0, max_tokens=8, stop=["\n"])
+    # a prompt's second copy with another max_tokens: not greedy twins (those decode once), the same prompt tokens
+    reqs = [Request(key=i, prompt=p, seed=1000 + i, params=params.model_copy(update={"max_tokens": 8 + i // len(WORDS)}))
+            for i, p in enumerate(prompts)]
     for n_parallel in (1, 4):
         engine = engines(n_parallel)
-        shared = run(engine, prompts, params)
+        shared = {c.key: c for c in engine.generate(reqs, params)}
         saved, decoded = engine.last.shared_prompt_tokens, engine.last.prompt_tokens
-        reqs = [Request(key=i, prompt=p, seed=1000 + i) for i, p in enumerate(prompts)]
         whole = {c.key: c for c in engine.generate(reqs, params, share_prompts=False)}
         assert engine.last.shared_prompt_tokens == 0
         instructions = min(len(engine.tokenize(FEWSHOT.format(w=""))), len(engine.tokenize(UPPER.format(w="")))) - 2

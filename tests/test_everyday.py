@@ -85,17 +85,25 @@ def _small_spec(folder: Path) -> Path:
 
 
 def _interrupt_when_stored(cwd: Path, db: Path, args: list[str], rows: int = 2) -> str:
-    """Start `appliance --db DB ARGS`, send Ctrl-C once `rows` outputs are stored; its last stderr line."""
+    """Start `appliance --db DB ARGS`, send Ctrl-C once the run it starts has `rows` outputs stored; its last
+    stderr line."""
+    def newest() -> tuple[int, int]:
+        try:
+            d = sqlite_utils.Database(db)
+            run = d.execute("select coalesce(max(id), 0) from runs").fetchone()[0]
+            return run, d.execute("select count(*) from generations where run_id = ?", [run]).fetchone()[0]
+        except Exception:  # no database or schema yet
+            return 0, 0
+
+    before = newest()[0]
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "--db", str(db), *args], cwd=cwd, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        try:
-            if db.exists() and sqlite_utils.Database(db).execute("select count(*) from generations").fetchone()[0] >= rows:
-                break
-        except Exception:  # the schema is being made
-            continue
+        time.sleep(0.2)
+        run, stored = newest()
+        if run > before and stored >= rows:
+            break
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
@@ -155,7 +163,7 @@ def test_ctrl_c_and_runs_print_commands_that_continue_the_run_with_its_db(tmp_pa
     assert re.search(r"^run \d+ \(resumed\)", done.stderr, re.M), done.stderr
 
     last = _interrupt_when_stored(tmp_path, db, ["generate", "prompts/product-review.md", "-m", "gemma-3-270m-q4_k_m",
-                                                 "-n", "24", "--max-tokens", "24"], rows=27)
+                                                 "-n", "64", "--max-tokens", "48"], rows=3)
     again = QUOTED.findall(last)[-1]
     assert again.startswith(f"appliance --db {db} generate prompts/product-review.md"), last
     _run_printed(tmp_path, again)

@@ -209,6 +209,13 @@ def test_following_the_readme_in_order_runs_every_command(tmp_path):
         ran += 1
     assert ran >= 4
     assert (folder / "appliance.db").exists()
+    # then the README's Python example, twice, on the same database: a re-run of complete runs is no error
+    (folder / "example.py").write_text(re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0])
+    for attempt in (1, 2):
+        result = subprocess.run([str(folder / ".venv" / "bin" / "python"), "example.py"], cwd=folder, env=env,
+                                capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, f"the Python example, run {attempt}:\n{result.stderr[-4000:]}"
+        assert "reviews kept" in result.stdout and "intent accuracy" in result.stdout
     for name in ("reviews.train.jsonl", "reviews.test.jsonl", "reviews.card.md", "smart-home.train.jsonl", "smart-home.test.jsonl",
                  "smart-home.card.md"):  # a task run exports its stored splits
         assert (folder / name).is_file(), f"the README says its commands write {name}"  # a small split may be empty

@@ -131,6 +131,43 @@ def _render(browser, html: Path) -> dict:
     return seen
 
 
+PHONE = {"width": 390, "height": 844}
+# Per plot: the width matplotlib drew it at (its <svg>'s width attribute, in pt) in CSS px, the width it is
+# shown at, its accessible name, and its table; and how wide the page is against the viewport.
+MEASURE = """() => ({page: document.documentElement.scrollWidth, body: document.body.scrollWidth, viewport: innerWidth,
+  plots: [...document.querySelectorAll('figure.plot')].map(f => { const s = f.querySelector('svg');
+    return {title: f.querySelector('figcaption strong').textContent, drawn: parseFloat(s.getAttribute('width')) * 96 / 72,
+      shown: s.getBoundingClientRect().width, role: s.getAttribute('role'), name: s.getAttribute('aria-label'),
+      svg_title: s.querySelector('title') ? s.querySelector('title').textContent : null,
+      header: [...f.querySelectorAll('details table thead th')].map(c => c.textContent),
+      rows: [...f.querySelectorAll('details table tbody tr')].map(r => [...r.cells].map(c => c.textContent))}; })})"""
+
+
+def phone_view(browser, html: Path) -> dict:
+    """The page in a fresh context at a phone's 390x844: MEASURE's numbers, and what it logged and requested."""
+    context = browser.new_context(viewport=PHONE, device_scale_factor=3, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    seen: dict = {"console": [], "requests": []}
+    page.on("console", lambda m: seen["console"].append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: seen["console"].append(str(e)))
+    page.on("request", lambda r: seen["requests"].append(r.url))
+    page.goto(html.resolve().as_uri(), wait_until="load")
+    seen.update(page.evaluate(MEASURE))
+    context.close()
+    return seen
+
+
+def assert_readable_on_a_phone(seen: dict, html: Path) -> None:
+    """Every plot at >= 90% of its drawn width, with a name and a table of its numbers; the page no wider
+    than the phone; no console message and no request but the page."""
+    assert seen["page"] <= PHONE["width"] and seen["body"] <= PHONE["width"], seen["page"]
+    for p in seen["plots"]:
+        assert p["drawn"] > 300 and p["shown"] >= 0.9 * p["drawn"], p
+        assert p["role"] == "img" and p["name"].startswith(p["title"].rstrip(".")) and p["svg_title"] == p["name"], p
+        assert p["header"] and p["rows"] and all(len(r) == len(p["header"]) for r in p["rows"]), p
+    assert seen["console"] == [] and seen["requests"] == [html.resolve().as_uri()]
+
+
 def _report(data: dict, key: str) -> tuple[Path, str]:
     out = data["folder"] / f"report-{key}.html"
     code, stdout, stderr = _invoke(data["db"], "report", str(data["runs"][key]), "--out", str(out))
@@ -181,6 +218,28 @@ def test_report_of_every_run_kind_renders_offline_in_chromium(data, browser, kin
         assert "Scores" in seen["text"] and ("Right predictions" in seen["text"] or "Wrong predictions" in seen["text"])
 
 
+@pytest.mark.parametrize("kind", list(EXPECTED_PLOTS))
+def test_report_on_a_phone_keeps_plot_sizes_and_gives_their_numbers_as_text(data, browser, kind):
+    out, _ = _report(data, kind)
+    seen = phone_view(browser, out)
+    assert [p["title"] for p in seen["plots"]] == [f"{t}." for t in _expected_plots(data, kind)]
+    assert_readable_on_a_phone(seen, out)
+    plots = {p["title"]: p for p in seen["plots"]}
+    d = sqlite_utils.Database(data["db"])
+    if "Drops per filter." in plots:  # the table holds the numbers the bars draw
+        drops = plots["Drops per filter."]
+        assert drops["header"] == ["filter", "judged", "passed", "dropped"]
+        dropped = d.execute("select count(*) from verdicts where run_id = ? and passed = 0", [data["runs"][kind]]).fetchone()[0]
+        assert sum(int(r[3].replace(",", "")) for r in drops["rows"]) == dropped
+    if kind == "task":
+        balance = plots["Label balance against targets."]
+        assert balance["header"] == ["task", "label", "kept", "target"]
+        assert sum(int(r[3]) for r in balance["rows"]) == 12  # the spec's count, split over tasks and labels
+        lengths = plots["Length per label and split."]
+        assert lengths["header"][:3] == ["words in", "label", "split"] and "median" in lengths["header"]
+        assert {r[0] for r in lengths["rows"]} == {"input", "output"}
+
+
 def test_report_of_a_run_that_kept_nothing_says_why(data, browser):
     out, printed = _report(data, "nothing")
     seen = _render(browser, out)
@@ -216,10 +275,11 @@ def test_report_bad_inputs(data, tmp_path):
 
 def test_runs_and_run_summary_point_to_report_and_browse(data):
     runs = data["runs"]
-    assert f"appliance report {runs['synthetic']} --out run-{runs['synthetic']}.html" in data["printed"]["synthetic"]
-    assert "appliance browse" in data["printed"]["task"]
+    # the printed command names the database (`appliance --db PATH report ...`) since issue 21
+    assert f"report {runs['synthetic']} --out run-{runs['synthetic']}.html" in data["printed"]["synthetic"]
+    assert re.search(r"appliance (--db \S+ )?browse", data["printed"]["task"])
     code, _, err = _invoke(data["db"], "runs")
-    assert code == 0 and "appliance report RUN_ID" in err and "appliance browse" in err
+    assert code == 0 and "report RUN_ID --out" in err and re.search(r"appliance (--db \S+ )?browse", err)
 
 
 # ------------------------------------------------------------------------------------------ browse

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ..errors import GenerationError
+from .llama import raise_pending_interrupt
 from .types import EngineStats
 
 
@@ -35,6 +36,7 @@ class Batch:
         ret = self._ll.llama_decode(self.ctx, self.raw)
         stats.decode_seconds += time.perf_counter() - start
         stats.decode_calls += 1
+        raise_pending_interrupt()
         return ret
 
     def decode_or_raise(self, stats: EngineStats) -> None:

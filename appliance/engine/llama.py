@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import GenerationError
 
 _LOG_LINES: list[str] = []
+_PENDING_INTERRUPT = [False]  # a Ctrl-C that landed in the log callback, raised by raise_pending_interrupt
 _log_callback = None  # keeps the ctypes callback alive
 
 
@@ -30,14 +31,25 @@ def install_log_capture() -> None:
 
     @llama_cpp.llama_log_callback
     def _capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        _LOG_LINES.append(text.decode("utf-8", errors="replace"))
-        if debug:
-            sys.stderr.write(_LOG_LINES[-1])
-        if len(_LOG_LINES) > 2000:
-            del _LOG_LINES[:1000]
+        try:
+            _LOG_LINES.append(text.decode("utf-8", errors="replace"))
+            if debug:
+                sys.stderr.write(_LOG_LINES[-1])
+            if len(_LOG_LINES) > 2000:
+                del _LOG_LINES[:1000]
+        except KeyboardInterrupt:  # Ctrl-C arrived while llama.cpp called back: ctypes would print and drop it
+            _PENDING_INTERRUPT[0] = True
 
     _log_callback = _capture
     llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
+
+
+def raise_pending_interrupt() -> None:
+    """Raise the Ctrl-C (or SIGTERM) that arrived while llama.cpp was calling back into Python, where ctypes
+    cannot pass an exception on; called after each llama.cpp call that logs (loads, decodes)."""
+    if _PENDING_INTERRUPT[0]:
+        _PENDING_INTERRUPT[0] = False
+        raise KeyboardInterrupt
 
 
 def last_error_line() -> str:
@@ -61,6 +73,7 @@ def load_model(model_path: str | Path, model_params: dict[str, Any]) -> Any:
     for key, value in model_params.items():
         setattr(mparams, key, value)
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+    raise_pending_interrupt()
     if not model:
         detail = last_error_line()
         raise GenerationError(
@@ -79,6 +92,7 @@ def new_context(model: Any, context_params: dict[str, Any]) -> Any:
         setattr(cparams, key, value)
     cparams.no_perf = True
     ctx = llama_cpp.llama_init_from_model(model, cparams)
+    raise_pending_interrupt()
     if not ctx:
         detail = last_error_line()
         raise GenerationError("llama.cpp could not create a context" + (f": {detail}" if detail else "")

@@ -3,7 +3,7 @@
 People read a dataset before training on it (DESIGN §5): what was kept and dropped and why, label
 balance against targets, the echo and grounding measures against their thresholds, speed, and how
 students scored. The page loads nothing: no script, no font, no external URL (matplotlib draws text
-as paths), and its Content-Security-Policy forbids any request, so not even a model output that
+as paths, so every plot also carries its numbers as a table, and keeps its drawn size on a phone), and its Content-Security-Policy forbids any request, so not even a model output that
 contains markup (it is escaped anyway) could make one. Every run kind gets a page; a run that kept
 nothing gets one that says why. This module gathers a run's data and renders the page; the figures
 are drawn in `appliance.plots`.
@@ -12,6 +12,7 @@ are drawn in `appliance.plots`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +20,11 @@ from typing import Any
 
 from ..errors import ApplianceError
 from .plots import (
+    Drawn,
     Panel,
     Plot,
+    accessible,
+    drawn_width_px,
     figure_svg,
     plot_agreement,
     plot_balance,
@@ -38,6 +42,7 @@ from ..store import Store
 TEMPLATE_FILE = Path(__file__).with_name("report.html.j2")
 DATASET_KINDS = (*RECIPE_KINDS, "task")
 SAMPLES = 6
+NUMERIC = re.compile(r"-|[-\d.,%]+")  # a table cell aligned right
 TEXT_LIMIT = 1200  # characters of one field shown in a sample (source passages can be long)
 
 
@@ -99,7 +104,7 @@ def speed_points(gens: list[dict[str, Any]], buckets: int = 40) -> list[tuple[fl
     tokens are spread evenly over the time it was decoded (`created_at - ms` to `created_at`), so outputs
     that finish together in one batch do not make a spike; loading a model and pauses between sessions
     show as zero."""
-    spans = [(_time(g["created_at"]) - g["ms"] / 1000, _time(g["created_at"]), g["tokens_out"]) for g in gens]
+    spans = [(end - g["ms"] / 1000, end, g["tokens_out"]) for g in gens for end in [_time(g["created_at"])]]
     if not spans:
         return []
     start, end = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
@@ -148,10 +153,11 @@ class _Builder:
             raise ReportError(f"no run {run_id} (see `appliance runs`)")
         self.store, self.run_id, self.run = store, run_id, runs[0]
         self.config = json.loads(self.run["config_json"] or "{}")
-        self.gens = store.rows("SELECT id, item_index, output, tokens_out, ms, finish_reason, seed, created_at, variables_json "
+        # every row of a run, but only the columns plots need: texts are read for the few samples shown
+        self.gens = store.rows("SELECT id, item_index, tokens_out, ms, finish_reason, seed, created_at "
                                "FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
         self.examples = store.rows(
-            "SELECT e.*, g.output AS raw_output, g.item_index, g.variables_json FROM examples e JOIN generations g ON g.id = e.generation_id "
+            "SELECT e.*, g.item_index FROM examples e JOIN generations g ON g.id = e.generation_id "
             "WHERE e.run_id = ? ORDER BY g.item_index, e.id", [run_id])
         self.failed: dict[int, list[dict[str, Any]]] = {}
         verdicts = "SELECT generation_id, filter, reason FROM verdicts WHERE run_id = ? AND passed = 0 ORDER BY id"
@@ -160,8 +166,11 @@ class _Builder:
         self.plots: list[Plot] = []
         self.tables: list[tuple[str, list[str], list[list[str]]]] = []
 
-    def add(self, title: str, fig: Any, caption: str) -> None:
-        self.plots.append(Plot(title, figure_svg(fig, f"p{len(self.plots)}-"), caption))
+    def add(self, title: str, drawn: Drawn, caption: str) -> None:
+        svg = figure_svg(drawn.fig, f"p{len(self.plots)}-")
+        name = f"{title}: a plot; its numbers are in the table after it"
+        caption = f"{caption} {drawn.note}" if drawn.note else caption
+        self.plots.append(Plot(title, accessible(svg, name), caption, drawn.table, drawn_width_px(svg)))
 
     # -- sections ----------------------------------------------------------------------------
     def lengths(self) -> None:
@@ -193,7 +202,8 @@ class _Builder:
             groups = {}
             for g in self.gens:
                 groups.setdefault(g["finish_reason"], {}).setdefault(None, []).append(g["tokens_out"])
-            self.add("Output length per finish reason", plot_lengths({"output length (tokens)": (groups, {})}, kept_label="outputs"),
+            self.add("Output length per finish reason", plot_lengths({"output length (tokens)": (groups, {})}, kept_label="outputs",
+                                                                      row_label="finish reason"),
                      "Tokens in each output; 'length' means it reached max_tokens and was cut.")
 
     def drops(self) -> None:
@@ -286,15 +296,23 @@ class _Builder:
                      "one bar per evaluation.")
 
     # -- text --------------------------------------------------------------------------------
+    def _texts(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows with their generation's output (as `raw_output`) and variables_json added."""
+        key = "generation_id" if rows and "generation_id" in rows[0] else "id"
+        ids = [r[key] for r in rows]
+        found = {g["id"]: g for g in self.store.rows(
+            f"SELECT id, output, variables_json FROM generations WHERE id IN ({','.join('?' * len(ids))})", ids)} if ids else {}
+        return [{**r, "raw_output": found[r[key]]["output"], "variables_json": found[r[key]]["variables_json"]} for r in rows]
+
     def samples(self) -> tuple[list[Sample], list[Sample], str, str]:
         kind = self.run["kind"]
         if kind == "eval":
             return self._predictions()
         if kind not in DATASET_KINDS:
             outs = [Sample(", ".join([f"item {g['item_index']}", *_made_for(g), f"seed {g['seed']}", f"{g['tokens_out']} tokens",
-                                      g["finish_reason"]]), [("output", _clip(g["output"]))]) for g in _spread(self.gens, SAMPLES)]
+                                      g["finish_reason"]]), [("output", _clip(g["raw_output"]))]) for g in self._texts(_spread(self.gens, SAMPLES))]
             return outs, [], "Sample outputs", ""
-        kept = [self._example(e) for e in _spread([e for e in self.examples if e["kept"]], SAMPLES)]
+        kept = [self._example(e) for e in self._texts(_spread([e for e in self.examples if e["kept"]], SAMPLES))]
         by_filter: dict[str, list[dict[str, Any]]] = {}
         for e in self.examples:
             if not e["kept"]:
@@ -305,7 +323,7 @@ class _Builder:
             for rows in by_filter.values():
                 if rows and len(picked) < SAMPLES:
                     picked.append(rows.pop(0))
-        dropped = [self._example(e) for e in sorted(picked, key=lambda e: e["item_index"])]
+        dropped = [self._example(e) for e in self._texts(sorted(picked, key=lambda e: e["item_index"]))]
         return kept, dropped, "Kept examples", "Dropped examples, with the filters' reasons"
 
     def _example(self, e: dict[str, Any]) -> Sample:
@@ -400,6 +418,7 @@ def render(report: Report) -> str:
     import markupsafe
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.tests["numeric_cell"] = lambda cell: bool(NUMERIC.fullmatch(cell))
     template = env.from_string(TEMPLATE_FILE.read_text(encoding="utf-8"))
     return template.render(r=report, svg=lambda p: markupsafe.Markup(p.svg))
 
