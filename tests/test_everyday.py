@@ -271,6 +271,11 @@ def test_an_unknown_model_says_models_are_per_database_with_the_command_for_this
     assert "registered per database" in line and f"`appliance --db {other.db} models add PATH`" in line
 
 
+def test_a_missing_database_names_the_command_with_its_db(run_cli):
+    line = Cli(Path("none.db").resolve())("runs", ok=False).stderr.strip().splitlines()[-1]
+    assert f"`appliance --db {Path('none.db').resolve()} generate PROMPT_FILE -m MODEL`" in line
+
+
 def test_a_task_spec_with_a_toml_error_is_called_a_task_spec(run_cli):
     spec = Path("broken.toml")
     spec.write_text('name = "x"\n[[tasks]]\nname = "intent\n')

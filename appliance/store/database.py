@@ -58,7 +58,7 @@ def _check_path(path: Path, readonly: bool) -> None:
         raise StoreError(f"database path {path} is a directory")
     if not path.exists():
         if readonly:
-            raise StoreError(f"no database at {path} (run a command that writes, e.g. `appliance generate`)")
+            raise StoreError(f"no database at {path} (a command that writes makes it, e.g. `{command_prefix(path)} generate PROMPT_FILE -m MODEL`)")
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise StoreError(f"cannot create database {path}: folder {parent} does not exist")
