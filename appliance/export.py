@@ -14,7 +14,7 @@ from .data.examples import Example, ExportError, check_format, write_jsonl
 from .data.splits import cross_split_duplicates, parse_split_spec, split_examples
 from .errors import ApplianceError, with_article
 from .runs.summary import summarize
-from .store import Store, utcnow
+from .store import Store, command_prefix, utcnow
 from .tasks.kinds import ClassifyTask
 from .tasks.spec import parse_task_spec
 
@@ -59,7 +59,7 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
     summary = summarize(store, run_id)
     if summary.kind in ("generate", "eval"):
         raise ExportError(f"run {run_id} is {with_article(summary.kind)} run with no dataset examples; export recipe and task runs "
-                          f"(`appliance logs --run {run_id} --json` lists its outputs)")
+                          f"(`{command_prefix(store.path)} logs --run {run_id} --json` lists its outputs)")
     stored = stored_splits(store, run_id)
     if stored and ratios and not resplit and (set(ratios) != set(stored) or any(abs(ratios[n] - stored[n]) > 1e-9 for n in ratios)):
         raise ExportError(f"run {run_id} stored its splits ({_spec(stored)}; `eval` tests on them): export without --split "

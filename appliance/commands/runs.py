@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import ApplianceError
-from . import hint, open_registry, open_store
+from . import hint, open_registry, open_store, prefix
 
 
 # ------------------------------------------------------------------------------------- generate
@@ -198,7 +198,7 @@ def evals_cmd(ctx: click.Context, as_json: bool) -> None:
             click.echo(json.dumps(row))
         return
     if not rows:
-        click.echo("no evaluations yet: `appliance eval STUDENT --dataset RUN_ID`", err=True)
+        click.echo(f"no evaluations yet: `{prefix(ctx)} eval STUDENT --dataset RUN_ID`", err=True)
         return
     for row in rows:
         scores = "  ".join(f"{task} (n={m.get('count', '?')}): {headline(m)}" for task, m in sorted(row["metrics"].items()))

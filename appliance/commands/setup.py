@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from . import open_registry, open_store
+from . import open_registry, open_store, prefix
 
 
 def _bytes(n: int | None) -> str:
@@ -97,7 +97,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
             click.echo(json.dumps(_model_summary(r)))
         return
     if not records:
-        click.echo("no models: `appliance models add PATH`, or put .gguf files under ./models/")
+        click.echo(f"no models: `{prefix(ctx)} models add PATH`, or put .gguf files under ./models/")
         return
     from rich.console import Console
     from rich.table import Table

@@ -147,7 +147,7 @@ class Registry:
                     if removed_at is None:
                         raise ApplianceError(
                             f"{path} is already registered as {old_name!r} (recipes use that name); to rename it, "
-                            f"`appliance models remove {old_name}` first, then add it with --name {name}"
+                            f"`{command_prefix(self.store.path)} models remove {old_name}` first, then add it with --name {name}"
                         )
                     if conn.execute("SELECT 1 FROM models WHERE name = ? AND id != ?", [name, pk]).fetchone():
                         raise ApplianceError(f"a model named {name!r} is already registered")

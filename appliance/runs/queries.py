@@ -45,7 +45,7 @@ def search_generations(store: Store, *, limit: int = 3, query: str | None = None
     joins = "JOIN runs r ON r.id = g.run_id LEFT JOIN models m ON m.id = r.model_id LEFT JOIN prompts p ON p.id = g.prompt_id"
     if run_id is not None:
         if not store.rows("SELECT 1 FROM runs WHERE id = ?", [run_id]):
-            raise ApplianceError(f"no run {run_id} (see `appliance runs`)")
+            raise ApplianceError(f"no run {run_id} (see `{command_prefix(store.path)} runs`)")
         where.append("g.run_id = ?")
         params.append(run_id)
     sql = f"SELECT {_GENERATION_COLUMNS} FROM {source} {joins}"
@@ -187,7 +187,7 @@ def resolve_run(store: Store, ref: str) -> int:
     if not rows:
         names = [r["name"] for r in store.rows("SELECT DISTINCT name FROM runs WHERE name IS NOT NULL ORDER BY name")]
         known = f"; run names: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else ""
-        raise ApplianceError(f"no run {ref if ref.isdigit() else repr(ref)}: give a run id, `last` or a run name (see `appliance runs`){known}")
+        raise ApplianceError(f"no run {ref if ref.isdigit() else repr(ref)}: give a run id, `last` or a run name (see `{command_prefix(store.path)} runs`){known}")
     return rows[0]["id"]
 
 
@@ -207,7 +207,7 @@ def find_resumable(
     if resume is not None:
         rows = store.rows("SELECT * FROM runs WHERE id = ?", [resume])
         if not rows:
-            raise ResumeError(f"no run {resume} to resume (see `appliance runs`)")
+            raise ResumeError(f"no run {resume} to resume (see `{command_prefix(store.path)} runs`)")
     else:
         marks = ", ".join("?" * len(kinds))
         rows = store.rows(f"SELECT * FROM runs WHERE name = ? AND kind IN ({marks}) ORDER BY id DESC LIMIT 1", [name, *kinds])

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..data.filters import echo_metrics, summarize_echo
 from ..errors import ApplianceError
-from ..store import Store
+from ..store import Store, command_prefix
 from .items import FIDELITY_BASE, ITEM_LIMIT, RECIPE_KINDS, Execution
 from .queries import first_failures
 
@@ -48,7 +48,7 @@ class RunSummary:
 def summarize(store: Store, run_id: int) -> RunSummary:
     rows = store.rows("SELECT * FROM runs WHERE id = ?", [run_id])
     if not rows:
-        raise ApplianceError(f"no run {run_id} (see `appliance runs`)")
+        raise ApplianceError(f"no run {run_id} (see `{command_prefix(store.path)} runs`)")
     run = rows[0]
     recipe_run = run["kind"] in RECIPE_KINDS
     generated = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?" + (" AND item_index < ?" if recipe_run else ""),

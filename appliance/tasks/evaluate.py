@@ -19,7 +19,7 @@ from ..events import RunEvents
 from ..runs.style import style_for
 from ..runs.items import Item, item_seeds
 from ..runs.session import RunSession
-from ..store import Store, insert_row, utcnow
+from ..store import Store, command_prefix, insert_row, utcnow
 from .prompts import parse_output, stop_strings
 from .run import OUTPUT_MAX_TOKENS, task_item
 from .spec import parse_task_spec
@@ -48,7 +48,7 @@ def evaluate(
 ) -> EvalResult:
     run = store.rows("SELECT * FROM runs WHERE id = ?", [dataset_run])
     if not run:
-        raise ApplianceError(f"no run {dataset_run} (see `appliance runs`)")
+        raise ApplianceError(f"no run {dataset_run} (see `{command_prefix(store.path)} runs`)")
     run = run[0]
     if run["kind"] != "task":
         raise ApplianceError(f"run {dataset_run} is {with_article(run['kind'])} run; eval needs a task run (made from a task spec)")

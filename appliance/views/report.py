@@ -37,7 +37,7 @@ from .plots import (
 )
 from ..runs.items import RECIPE_KINDS
 from ..runs.queries import item_variables
-from ..store import Store
+from ..store import Store, command_prefix
 
 TEMPLATE_FILE = Path(__file__).with_name("report.html.j2")
 DATASET_KINDS = (*RECIPE_KINDS, "task")
@@ -150,7 +150,7 @@ class _Builder:
             "SELECT r.*, m.name AS model, p.name AS prompt FROM runs r LEFT JOIN models m ON m.id = r.model_id "
             "LEFT JOIN prompts p ON p.id = r.prompt_id WHERE r.id = ?", [run_id])
         if not runs:
-            raise ReportError(f"no run {run_id} (see `appliance runs`)")
+            raise ReportError(f"no run {run_id} (see `{command_prefix(store.path)} runs`)")
         self.store, self.run_id, self.run = store, run_id, runs[0]
         self.config = json.loads(self.run["config_json"] or "{}")
         # every row of a run, but only the columns plots need: texts are read for the few samples shown
