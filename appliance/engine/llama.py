@@ -64,8 +64,10 @@ def reset_log() -> None:
     _LOG_LINES.clear()
 
 
-def load_model(model_path: str | Path, model_params: dict[str, Any]) -> Any:
-    """A llama.cpp model loaded with these model parameters (a plan's); one error line when it cannot be."""
+def load_model(model_path: str | Path, model_params: dict[str, Any], *, failed: str | None = None,
+               hint: str = " (check the file with `appliance models inspect`, or try a smaller --gpu-layers)") -> Any:
+    """A llama.cpp model loaded with these model parameters (a plan's, or vocab_only); one error line when it
+    cannot be: `failed` (default "llama.cpp could not load PATH"), llama.cpp's own last error, `hint`."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
@@ -76,10 +78,7 @@ def load_model(model_path: str | Path, model_params: dict[str, Any]) -> Any:
     raise_pending_interrupt()
     if not model:
         detail = last_error_line()
-        raise GenerationError(
-            f"llama.cpp could not load {model_path}" + (f": {detail}" if detail else "")
-            + " (check the file with `appliance models inspect`, or try a smaller --gpu-layers)"
-        )
+        raise GenerationError((failed or f"llama.cpp could not load {model_path}") + (f": {detail}" if detail else "") + hint)
     return model
 
 
@@ -132,13 +131,8 @@ class Vocab:
         self._ll = llama_cpp
         install_log_capture()
         reset_log()
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.vocab_only = True
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
-        if not self.model:
-            detail = last_error_line()
-            raise GenerationError(f"llama.cpp could not read the vocabulary of {model_path}" + (f": {detail}" if detail else ""))
+        self.model = load_model(model_path, {"vocab_only": True},
+                                failed=f"llama.cpp could not read the vocabulary of {model_path}", hint="")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
 
     def tokenize(self, text: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""The CLI's view of a run: a progress bar (outputs done, completion tokens/s, ETA) and each output as text.
+"""The CLI's view of a run: a progress bar (outputs done, completion tokens/s, ETA) and, for `generate` and `run -v`, each output as text.
 
 `GenerationProgress` is the CLI's `RunEvents`: every run kind reports to it the same way. Outputs go
 to stdout as they complete (above the bar on a terminal); the bar is drawn on stderr, only when stderr
