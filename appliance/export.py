@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.card import card_lines, dataset_card, prompts_used
-from .data.examples import Example, ExportError, check_format, write_jsonl
+from .data.examples import PREFERENCE_FORMATS, Example, ExportError, check_format, write_jsonl
 from .data.splits import cross_split_duplicates, parse_split_spec, split_examples
 from .errors import ApplianceError, with_article
 from .runs.summary import summarize
@@ -74,10 +74,14 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
         raise ExportError(f"run {run_id} has nothing to export: {why}")
     examples = [
         Example(id=str(r["id"]), instruction=r["instruction"], input=r["input"], output=r["output"], system=r["system"],
-                group=r["group_key"], label=r["label"], meta={"run_id": run_id, "generation_id": r["generation_id"],
+                group=r["group_key"], label=r["label"], rejected=r["rejected"],
+                messages=json.loads(r["messages_json"]) if r["messages_json"] else None, meta={"run_id": run_id, "generation_id": r["generation_id"],
                                                                "chunk_id": r["chunk_id"], "seed": r["seed"]})
         for r in rows
     ]
+    if fmt in PREFERENCE_FORMATS and any(ex.rejected is None for ex in examples):
+        raise ExportError(f"format {fmt} needs preference pairs (chosen and rejected): run {run_id} is {with_article(summary.kind)} "
+                          "run; export a preference recipe's run, or choose openai, sharegpt, alpaca or jsonl")
     how: str
     if stored and not resplit:
         split_of = {str(r["id"]): r["split"] for r in rows}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.data.card import dataset_card
-from appliance.data.examples import FORMATS, Example, ExportError, to_record, write_jsonl
+from appliance.data.examples import FORMATS, PREFERENCE_FORMATS, Example, ExportError, dedup_text, to_record, write_jsonl
 from appliance.data.splits import parse_split_spec, split_examples
 from appliance.store.database import Store
 
@@ -47,7 +47,7 @@ def test_records_in_each_format() -> None:
     }
     assert to_record(WITH_SYSTEM, "alpaca")["system"] == "You are a smart-home assistant."
     assert Example.model_validate(to_record(WITH_SYSTEM, "jsonl")) == WITH_SYSTEM
-    with pytest.raises(ExportError, match="^unknown format 'csv' \\(choose from openai, sharegpt, alpaca, jsonl\\)$"):
+    with pytest.raises(ExportError, match="^unknown format 'csv' \\(choose from openai, sharegpt, alpaca, jsonl, dpo, openai-preference\\)$"):
         to_record(PLAIN, "csv")
 
 
@@ -58,6 +58,8 @@ def test_write_and_read_back(tmp_path: Path, fmt: str) -> None:
         PLAIN,
         PLAIN.model_copy(update={"id": "ex3", "output": "Ünïcödé — “quotes”\nand a newline"}),
     ]
+    if fmt in PREFERENCE_FORMATS:
+        examples = [ex.model_copy(update={"rejected": "no."}) for ex in examples]
     path = tmp_path / f"data.{fmt}.jsonl"
     assert write_jsonl(path, examples, fmt) == 3
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -65,6 +67,49 @@ def test_write_and_read_back(tmp_path: Path, fmt: str) -> None:
     assert len(records) == 3 and records == [to_record(ex, fmt) for ex in examples]
     assert "Ünïcödé" in lines[2]  # written as UTF-8, not \\u escapes
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+CONVERSATION = Example(
+    id="c1", instruction="Who speaks first?", output="Then he speaks of Rome.", system="Answer from the passage.",
+    messages=[{"role": "user", "content": "Who speaks first?"}, {"role": "assistant", "content": "A citizen."},
+              {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Then he speaks of Rome."}],
+)
+PAIR = Example(id="p1", instruction="Name a primary colour.", output="Red.", rejected="Purple, probably.", system="Be brief.")
+
+
+def test_a_conversation_in_each_format() -> None:
+    turns = CONVERSATION.messages
+    assert to_record(CONVERSATION, "openai") == {"messages": [{"role": "system", "content": "Answer from the passage."}, *turns]}
+    assert [(t["from"], t["value"]) for t in to_record(CONVERSATION, "sharegpt")["conversations"]] == [
+        ("system", "Answer from the passage."), ("human", "Who speaks first?"), ("gpt", "A citizen."),
+        ("human", "And then?"), ("gpt", "Then he speaks of Rome.")]
+    assert to_record(CONVERSATION, "alpaca") == {  # LLaMA-Factory's alpaca: earlier exchanges in `history`
+        "instruction": "And then?", "input": "", "output": "Then he speaks of Rome.",
+        "history": [["Who speaks first?", "A citizen."]], "system": "Answer from the passage."}
+    assert Example.model_validate(to_record(CONVERSATION, "jsonl")) == CONVERSATION
+    assert dedup_text(CONVERSATION) == "Who speaks first?\nA citizen.\nAnd then?\nThen he speaks of Rome."
+
+
+def test_preference_pairs_in_trl_and_openai_form() -> None:
+    context = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a primary colour."}]
+    assert to_record(PAIR, "dpo") == {"prompt": context, "chosen": [{"role": "assistant", "content": "Red."}],
+                                      "rejected": [{"role": "assistant", "content": "Purple, probably."}]}
+    assert to_record(PAIR, "openai-preference") == {
+        "input": {"messages": context}, "preferred_output": [{"role": "assistant", "content": "Red."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Purple, probably."}]}
+    assert to_record(PAIR, "openai")["messages"][-1] == {"role": "assistant", "content": "Red."}  # SFT on the chosen one
+    with pytest.raises(ExportError, match="^format dpo needs preference pairs .*example ex2"):
+        to_record(PLAIN, "dpo")
+
+
+def test_exported_files_load_with_hf_datasets(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    write_jsonl(tmp_path / "dpo.jsonl", [PAIR, PAIR.model_copy(update={"id": "p2"})], "dpo")
+    write_jsonl(tmp_path / "conv.jsonl", [CONVERSATION, PLAIN], "openai")
+    dpo = datasets.load_dataset("json", data_files=str(tmp_path / "dpo.jsonl"), split="train")
+    assert dpo.column_names == ["prompt", "chosen", "rejected"] and dpo[0]["chosen"][0]["role"] == "assistant"
+    conv = datasets.load_dataset("json", data_files=str(tmp_path / "conv.jsonl"), split="train")
+    assert conv.column_names == ["messages"] and len(conv[0]["messages"]) == 5
 
 
 def test_write_errors_are_one_line(tmp_path: Path) -> None:

@@ -134,7 +134,8 @@ def _print_summary(s, see: str) -> None:
 
 @click.command("export")
 @click.argument("run_ref", metavar="RUN")
-@click.option("--format", "fmt", type=click.Choice(["openai", "sharegpt", "alpaca", "jsonl"]), default="openai", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["openai", "sharegpt", "alpaca", "jsonl", "dpo", "openai-preference"]), default="openai", show_default=True,
+              help="dpo (TRL) and openai-preference: a preference run's pairs.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Output file (with --split: NAME.SPLIT.jsonl beside it).")
 @click.option("--split", "split", metavar="NAME=RATIO,...", help="e.g. train=0.9,test=0.1: deterministic, no near-duplicates across splits.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split.")

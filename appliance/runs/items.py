@@ -11,6 +11,12 @@ Item indices of a recipe run (synthetic, annotated, augmented):
                                        came out empty (`appliance.recipes.retry`)
     FIDELITY_BASE + k * ITEM_LIMIT + i the fidelity check of axis k of item i's final output
                                        (`appliance.recipes.fidelity`)
+    (2t + s) * ITEM_LIMIT + i          conversation: turn t (< MAX_TURNS) of conversation i, the user's
+                                       message (s = 0) or the assistant's answer (s = 1); conversation
+                                       runs have no retries or fidelity checks
+    r * ITEM_LIMIT + i                 preference: response r (< MAX_RESPONSES) to instruction i
+    ANSWER_BASE + i                    magpie: the answer to item i's self-written request
+    JUDGE_BASE + x                     the rubric judge's scoring of the generation at index x
 
 Task runs lay out their rounds and phases in `appliance.tasks.run`.
 """
@@ -24,11 +30,15 @@ from typing import Any, Literal, get_args
 from ..engine.types import Completion, SamplingParams
 from ..store import Store, to_json, utcnow
 
-RecipeKind = Literal["synthetic", "annotated", "augmented"]
+RecipeKind = Literal["synthetic", "annotated", "augmented", "conversation", "preference"]
 RECIPE_KINDS: tuple[str, ...] = get_args(RecipeKind)  # run kinds made from a recipe file (the others: generate, task, eval)
 ITEM_LIMIT = 10_000_000  # a recipe's items per run, and the stride of its retries and checks
 RETRY_BUDGET = 2  # times an empty output is generated again
 FIDELITY_BASE = (RETRY_BUDGET + 1) * ITEM_LIMIT
+MAX_TURNS = 16  # exchanges in one conversation
+MAX_RESPONSES = 16  # responses to one instruction in a preference run
+ANSWER_BASE = 100 * ITEM_LIMIT
+JUDGE_BASE = 1000 * ITEM_LIMIT
 
 
 @dataclass

@@ -245,6 +245,14 @@ def _m006_newest_first(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX generations_run_newest ON generations(run_id, id)")
 
 
+def _m007_turns_and_pairs(db: sqlite_utils.Database) -> None:
+    # Conversations and preference pairs (issue 23): an example is more than one instruction and one answer.
+    db.execute("ALTER TABLE examples ADD COLUMN messages_json TEXT")  # multi-turn: every user/assistant turn, in order (no system)
+    db.execute("ALTER TABLE examples ADD COLUMN rejected TEXT")       # preference: the worse response (`output` is the chosen one)
+    db.execute("ALTER TABLE examples ADD COLUMN rejected_generation_id INTEGER REFERENCES generations(id)")
+    db.execute("ALTER TABLE verdicts ADD COLUMN detail_json TEXT")    # the rubric judge: its score per criterion
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
     (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
@@ -252,4 +260,5 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (4, "chat models: messages per generation, mode and template per run, template hash per model", _m004_chat),
     (5, "provenance per run: appliance and llama.cpp versions, model file, quantization, parameters, prompt hash", _m005_provenance),
     (6, "an index of each run's generations newest first (logs --run)", _m006_newest_first),
+    (7, "conversations and preference pairs: example turns, rejected response, judge scores per criterion", _m007_turns_and_pairs),
 ]
