@@ -88,6 +88,19 @@ def _label_lines(splits: dict[str, list[Example]], everything: list[Example], la
     return lines
 
 
+def _turn_lines(examples: list[Example]) -> list[str]:
+    """The card's turns table for conversations: how many examples have each number of turns (user/assistant exchanges)."""
+    counts: dict[int, int] = {}
+    for ex in examples:
+        if ex.messages:
+            counts[len(ex.messages) // 2] = counts.get(len(ex.messages) // 2, 0) + 1
+    if not counts:
+        return []
+    total = sum(k * n for k, n in counts.items())
+    return ["", "## Turns", "", "| turns | conversations |", "| ---: | ---: |", *(f"| {k} | {n} |" for k, n in sorted(counts.items())),
+            "", f"{total} turns (a user message and its answer) in {sum(counts.values())} conversations."]
+
+
 def dataset_card(
     name: str,
     splits: dict[str, list[Example]],
@@ -136,6 +149,7 @@ def dataset_card(
     lines.append("")
     lines.append("Each dropped example is counted once, under the first filter it failed.")
 
+    lines += _turn_lines(everything)
     if fidelity:
         lines += ["", "## Fidelity", "", "Each output re-labelled by the model under a grammar over the axis's values; "
                   "outputs labelled otherwise than asked were dropped.", "",
@@ -152,6 +166,10 @@ def dataset_card(
         lines += [f"### Example {number} ({split_name}, id {ex.id}{label})", ""]
         if ex.system is not None:
             lines += _text_block("System", ex.system)
+        if ex.messages:  # a conversation: every turn
+            for k, m in enumerate(ex.messages):
+                lines += _text_block(f"{m['role'].capitalize()}, turn {k // 2 + 1}", m["content"])
+            continue
         lines += _text_block("Instruction", ex.instruction)
         if ex.input:
             lines += _text_block("Input", ex.input)

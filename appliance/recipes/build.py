@@ -78,3 +78,9 @@ def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str,
         variables = {**prompt.values_for_item(recipe.vars, seed), **values}
         items.append(style.item(prompt, variables, index=index, seed=seed, chunk_id=chunk_id))
     return items
+
+
+def axis_combinations(axes: dict[str, list[Any]], count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` assignments of the axes, as a synthetic recipe's items get them (conversation recipes vary
+    their personas and goals the same way)."""
+    return _axis_combinations(axes, count, seed)

@@ -18,7 +18,7 @@ import jinja2.sandbox
 from ..data.filters import (EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty,
                             check_truncated, cue_verdict, echo_metrics)
 from ..runs.summary import fidelity_labels
-from ..store import Store, insert_row, utcnow
+from ..store import Store, insert_row, to_json, utcnow
 from . import fidelity
 from .recipe import Recipe
 from .retry import attempt_of, attempts, cleaned
@@ -34,8 +34,9 @@ class Candidate:
     chunk_id: int | None
     verdicts: list[Verdict] = field(default_factory=list)
     echo: dict[str, Any] | None = None
-    replaced: bool = False  # an empty attempt generated again: its verdicts are kept, it makes no example
+    replaced: bool = False  # no example of its own (an empty attempt generated again; a conversation's other turns): verdicts only
     system: str | None = None  # the system text the model was given (chat mode), or the recipe's `system`
+    messages: list[dict[str, str]] | None = None  # a conversation's turns (`appliance.recipes.conversation`)
 
     @property
     def kept(self) -> bool:
@@ -146,5 +147,5 @@ def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[
                 "run_id": run_id, "generation_id": c.generation_id, "chunk_id": c.chunk_id,
                 "instruction": c.instruction, "input": c.input, "output": c.output, "system": c.system,
                 "label": None, "group_key": f"chunk:{c.chunk_id}" if c.chunk_id else f"item:{c.item_index}",
-                "kept": int(c.kept), "created_at": utcnow(),
+                "kept": int(c.kept), "created_at": utcnow(), "messages_json": to_json(c.messages) if c.messages else None,
             })

@@ -1,6 +1,6 @@
 """Recipes: one TOML file that says what dataset to make, validated with pydantic.
 
-    kind = "annotated"                     # synthetic | annotated | augmented
+    kind = "annotated"                     # synthetic | annotated | augmented | conversation
     name = "coriolanus-speeches"
     model = "gemma-3-270m-q4_k_m"          # a registered name or a path to a .gguf
     prompt = "../prompts/annotate-instruction.md"   # paths are relative to the recipe file
@@ -19,6 +19,9 @@
     temperature = 0.7
     max_tokens = 64
 
+A conversation recipe (`appliance.recipes.conversation`) adds `turns`, `user_prompt` and `on_bad_turn`;
+its `sources` are optional (without them its conversations come from the axes alone, and it needs count).
+
     [filters]
     min_words = 3
     echo_max_length_ratio = 1.0
@@ -30,11 +33,11 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import ApplianceError, validation_problem
 from ..runs.files import Sampling, read_toml_file
-from ..runs.items import RecipeKind
+from ..runs.items import MAX_TURNS, RecipeKind
 
 
 class RecipeError(ApplianceError):
@@ -101,13 +104,40 @@ class Recipe(_Strict):
     filters: Filters = Field(default_factory=Filters)
     schema_file: str | None = Field(None, alias="schema", description="JSON schema the outputs must follow")
     parallel: int | None = Field(None, gt=0)
+    # conversation recipes (kind = "conversation"), appliance.recipes.conversation
+    turns: int | None = Field(None, validate_default=True, description="conversation: user/assistant exchanges per conversation")
+    user_prompt: str | None = Field(None, validate_default=True, description="conversation: prompt file of the user's side")
+    on_bad_turn: Literal["drop", "cut"] = Field(
+        "drop", description="conversation: a turn fails a filter -> drop the conversation, or cut it after its last good exchange")
+
+    @field_validator("turns")
+    @classmethod
+    def _turns(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None and info.data.get("kind") == "conversation":
+            raise ValueError(f"a conversation recipe needs turns (1 to {MAX_TURNS} user/assistant exchanges)")
+        if value is not None and not 1 <= value <= MAX_TURNS:
+            raise ValueError(f"a conversation has 1 to {MAX_TURNS} turns, got {value}")
+        return value
+
+    @field_validator("user_prompt")
+    @classmethod
+    def _user_prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("kind") == "conversation":
+            raise ValueError("a conversation recipe needs user_prompt, the prompt file of the user's side "
+                             "(e.g. \"../prompts/conversation-user.md\")")
+        return value
 
     @model_validator(mode="after")
     def _by_kind(self) -> "Recipe":
         if self.kind == "synthetic" and self.count is None:
             raise ValueError("a synthetic recipe needs count")
-        if self.kind != "synthetic" and not self.sources:
+        if self.kind == "conversation" and not self.sources and self.count is None:
+            raise ValueError("a conversation recipe without sources needs count (conversations made from the axes)")
+        if self.kind not in ("synthetic", "conversation") and not self.sources:
             raise ValueError(f"an {self.kind} recipe needs sources")
+        given = [k for k in ("turns", "user_prompt", "on_bad_turn") if k in self.model_fields_set]
+        if self.kind != "conversation" and given:
+            raise ValueError(f"{', '.join(given)}: only conversation recipes have {'it' if len(given) == 1 else 'them'}")
         for axis, values in self.axes.items():
             if not values:
                 raise ValueError(f"axis {axis!r} has no values")

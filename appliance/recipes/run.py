@@ -31,7 +31,7 @@ from ..runs.session import RunSession
 from ..runs.style import PromptStyle, style_for
 from ..runs.summary import RunSummary, summarize
 from ..store import Store
-from . import fidelity
+from . import conversation, fidelity
 from .build import PASSAGE_VAR, build_items, ingest_chunks
 from .judge import judge, store_judgement
 from .recipe import LoadedRecipe, Recipe
@@ -91,8 +91,8 @@ def _checked_inputs(loaded: LoadedRecipe, prompt: PromptFile) -> list[fidelity.C
 
 
 def _read_chunks(store: Store, loaded: LoadedRecipe, model_path: str, events: RunEvents) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """An annotated or augmented recipe's chunks (cut in the model's tokens) and the sources it skipped; nothing for synthetic."""
-    if loaded.recipe.kind == "synthetic":
+    """A recipe's chunks (cut in the model's tokens) and the sources it skipped; nothing without sources (synthetic)."""
+    if not loaded.recipe.sources:
         return [], []
     with Vocab(model_path) as vocab:
         chunks, skipped = ingest_chunks(store, loaded, vocab)
@@ -119,7 +119,8 @@ def run_recipe(
     events = events or RunEvents()
     recipe = loaded.recipe
     prompt = load_prompt(loaded.resolve(recipe.prompt))
-    checks = _checked_inputs(loaded, prompt)
+    user_prompt = conversation.load_inputs(loaded, prompt) if recipe.kind == "conversation" else None
+    checks = _checked_inputs(loaded, prompt) if user_prompt is None else []
     schema = load_json_schema(loaded.resolve(recipe.schema_file)) if recipe.schema_file else None
     params = sampling_for(prompt, recipe.sampling.model_dump(exclude={"stop"}) | ({"stop": recipe.sampling.stop} if recipe.sampling.stop is not None else {}))
     record = registry.resolve(recipe.model)
@@ -134,6 +135,10 @@ def run_recipe(
         return summary
 
     chunks, skipped = _read_chunks(store, loaded, record.path, events)
+    if user_prompt is not None:  # its own rounds, turn by turn (`appliance.recipes.conversation`)
+        return conversation.run_conversation(store, registry, loaded, (user_prompt, prompt), record=record, style=style, run_id=run_id,
+                                             name=_run_name(loaded), chunks=chunks, skipped=skipped, events=events,
+                                             n_parallel=n_parallel, cluster=cluster)
     items = build_items(loaded, prompt, chunks, style)
     if len(items) >= ITEM_LIMIT:
         raise ApplianceError(f"recipe {loaded.path} makes {len(items)} items; at most {ITEM_LIMIT - 1} fit one run")

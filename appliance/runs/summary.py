@@ -11,7 +11,7 @@ from typing import Any
 from ..data.filters import echo_metrics, summarize_echo
 from ..errors import ApplianceError
 from ..store import Store, command_prefix
-from .items import FIDELITY_BASE, ITEM_LIMIT, RECIPE_KINDS, Execution
+from .items import FIDELITY_BASE, ITEM_LIMIT, MAX_TURNS, RECIPE_KINDS, Execution
 from .queries import first_failures
 
 
@@ -35,6 +35,7 @@ class RunSummary:
     retried: int = 0  # empty outputs generated again with a new seed
     fidelity: dict[str, tuple[int, int]] = field(default_factory=dict)  # axis -> (labelled as asked, checked)
     advice: list[str] = field(default_factory=list)  # what to change when a filter dropped outputs for a reason the user set
+    turns: dict[int, int] = field(default_factory=dict)  # conversation runs: kept conversations per number of turns
 
     def why_nothing(self) -> str:
         if self.kept or not self.generated:
@@ -51,10 +52,11 @@ def summarize(store: Store, run_id: int) -> RunSummary:
         raise ApplianceError(f"no run {run_id} (see `{command_prefix(store.path)} runs`)")
     run = rows[0]
     recipe_run = run["kind"] in RECIPE_KINDS
+    conversation = run["kind"] == "conversation"  # its indices above ITEM_LIMIT are later turns, not retries or checks
     generated = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?" + (" AND item_index < ?" if recipe_run else ""),
                            [run_id] + ([ITEM_LIMIT] if recipe_run else []))[0]["n"]  # the items, not their retries or checks
     retried = store.rows("SELECT count(*) n FROM generations WHERE run_id = ? AND item_index >= ? AND item_index < ?",
-                         [run_id, ITEM_LIMIT, FIDELITY_BASE])[0]["n"] if recipe_run else 0
+                         [run_id, ITEM_LIMIT, FIDELITY_BASE])[0]["n"] if recipe_run and not conversation else 0
     kept = store.rows("SELECT count(*) n FROM examples WHERE run_id = ? AND kept = 1", [run_id])[0]["n"]
     dropped, reasons = first_failures(store, run_id)
     echo = None
@@ -63,16 +65,40 @@ def summarize(store: Store, run_id: int) -> RunSummary:
         echo = summarize_echo([echo_metrics(r["instruction"], r["output"]) for r in pairs]) if pairs else None
     skipped = [tuple(m["message"].split(": ", 1)) for m in store.rows(
         "SELECT message FROM run_events WHERE run_id = ? AND message LIKE 'skipped source %'", [run_id])]
+    turns, lines = conversation_counts(store, run) if conversation else ({}, [])
     return RunSummary(run_id, run["kind"], run["status"], run["requested"], generated, kept, dropped, reasons, echo,
                       [(p.removeprefix("skipped source "), r) for p, r in skipped], retried=retried,
-                      fidelity=fidelity_rates(store, run_id) if recipe_run else {},
-                      advice=truncation_advice(store, run) if dropped.get("truncated") else [])
+                      fidelity=fidelity_rates(store, run_id) if recipe_run and not conversation else {},
+                      advice=truncation_advice(store, run) if dropped.get("truncated") else [], table_lines=lines, turns=turns)
+
+
+def conversation_counts(store: Store, run: dict[str, Any]) -> tuple[dict[int, int], list[str]]:
+    """A conversation run's kept conversations per number of turns, and its summary lines: conversations
+    started, kept and cut short; turns and messages generated."""
+    rows = store.rows("SELECT item_index FROM generations WHERE run_id = ? AND item_index < ?", [run["id"], 2 * MAX_TURNS * ITEM_LIMIT])
+    started = sum(r["item_index"] < ITEM_LIMIT for r in rows)
+    answered = sum((r["item_index"] // ITEM_LIMIT) % 2 for r in rows)
+    turns: dict[int, int] = {}
+    for r in store.rows("SELECT messages_json FROM examples WHERE run_id = ? AND kept = 1 AND messages_json IS NOT NULL", [run["id"]]):
+        n = len(json.loads(r["messages_json"])) // 2
+        turns[n] = turns.get(n, 0) + 1
+    asked = (json.loads(run["config_json"] or "{}").get("recipe") or {}).get("turns") or 0
+    cut = sum(n for k, n in turns.items() if k < asked)
+    per = ", ".join(f"{k} turn{'s' if k != 1 else ''}: {n}" for k, n in sorted(turns.items())) or "none kept"
+    return dict(sorted(turns.items())), [
+        f"conversations: {started} started, {sum(turns.values())} kept" + (f" ({cut} cut after their last good exchange)" if cut else ""),
+        f"turns: {answered} answered ({len(rows)} messages, user and assistant); turns per kept conversation: {per}",
+    ]
 
 
 def truncation_advice(store: Store, run: dict[str, Any]) -> list[str]:
     """The fix for outputs dropped as cut off at the token limit: the limit the run used and the lengths seen."""
-    limit = json.loads(run["params_json"] or "{}").get("max_tokens")
-    rows = store.rows("SELECT finish_reason, tokens_out FROM generations WHERE run_id = ? AND item_index < ?", [run["id"], ITEM_LIMIT])
+    params = json.loads(run["params_json"] or "{}")
+    limit = params.get("max_tokens")
+    if isinstance(params.get("user"), dict):  # a conversation: each side has its own limit
+        limit = f"{limit} (answers), {params['user'].get('max_tokens')} (user messages)"
+    bound = 2 * MAX_TURNS * ITEM_LIMIT if run["kind"] == "conversation" else ITEM_LIMIT  # every turn of a conversation
+    rows = store.rows("SELECT finish_reason, tokens_out FROM generations WHERE run_id = ? AND item_index < ?", [run["id"], bound])
     cut = sum(r["finish_reason"] == "length" for r in rows)
     ended = sorted(r["tokens_out"] for r in rows if r["finish_reason"] != "length")
     seen = (f"the {len(ended)} that ended on their own used {ended[0]}-{ended[-1]} tokens (median {ended[len(ended) // 2]})"

@@ -253,6 +253,14 @@ class _Builder:
             self.add("Grounding scores", plot_grounding(scores, _recipe_filters(self.config).grounding_min_score),
                      "Answers whose content words do not come from their source chunk are dropped.")
 
+    def turns(self) -> None:
+        if self.run["kind"] != "conversation":
+            return
+        from ..runs.summary import summarize
+
+        counts = summarize(self.store, self.run_id).turns
+        self.tables.append(("Turns per kept conversation", ["turns", "conversations"], [[str(k), str(n)] for k, n in counts.items()]))
+
     def speed(self) -> None:
         points = speed_points(self.gens)
         if points:
@@ -342,6 +350,8 @@ class _Builder:
         if e["input"]:
             fields.append(("input", _clip(e["input"])))
         fields.append(("output", _clip(e["output"])))
+        if e.get("messages_json"):  # a conversation: every turn
+            fields = [(f"{m['role']} {k // 2 + 1}", _clip(m["content"])) for k, m in enumerate(json.loads(e["messages_json"]))]
         rewritten = e["raw_output"].strip() != (e["output"] or "").strip()  # e.g. an answer parsed out of the output
         if not e["kept"] and self.run["kind"] in ("augmented", "synthetic") and rewritten:
             fields.append(("the model wrote", _clip(e["raw_output"])))
@@ -400,7 +410,7 @@ class _Builder:
         return None
 
     def build(self) -> Report:
-        for section in (self.lengths, self.drops, self.balance, self.echo, self.grounding, self.evaluations, self.speed):
+        for section in (self.lengths, self.drops, self.balance, self.echo, self.grounding, self.turns, self.evaluations, self.speed):
             section()
         kept, dropped, kept_title, dropped_title = self.samples()
         events = [f"{e['level']}: {e['message']}" for e in self.store.rows(
