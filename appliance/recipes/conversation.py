@@ -306,17 +306,17 @@ def judge_conversations(recipe: Recipe, prompt: PromptFile, convs: list[Conversa
         keep = 2 * ((len(done.turns) - failed) // 2) if recipe.on_bad_turn == "cut" or not failed else 0
         last = keep - 1 if keep else len(done.turns) - 1
         messages = done.messages(keep or None)
-        for p, (g, text, verdicts) in enumerate(done.turns):
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        for p, (g, text, verdicts) in enumerate(done.turns):  # in turn order
             if p != last:
                 out.append(Candidate(g["id"], conv.index, "", "", text, conv.chunk_id, list(verdicts), replaced=True))
-        answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        g, _, verdicts = done.turns[last]
-        cand = Candidate(g["id"], conv.index, messages[0]["content"], "", answers[-1] if answers else "", conv.chunk_id,
-                         list(verdicts), messages=messages)
-        cand.system = recipe.system if recipe.system is not None else assistant_system(prompt, conv)
-        if dedup is not None and cand.kept:
-            cand.verdicts.append(dedup.check(str(conv.index + 1), "\n".join(m["content"] for m in messages)))
-        out.append(cand)
+                continue
+            cand = Candidate(g["id"], conv.index, messages[0]["content"], "", answers[-1] if answers else "", conv.chunk_id,
+                             list(verdicts), messages=messages)
+            cand.system = recipe.system if recipe.system is not None else assistant_system(prompt, conv)
+            if dedup is not None and cand.kept:
+                cand.verdicts.append(dedup.check(str(conv.index + 1), "\n".join(m["content"] for m in messages)))
+            out.append(cand)
     return out
 
 
