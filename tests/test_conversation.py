@@ -17,7 +17,7 @@ import pytest
 import sqlite_utils
 
 from appliance.data.filters import Verdict
-from appliance.recipes.conversation import Conversation, clean_turn, judge_conversations, position, progress
+from appliance.recipes.conversation import Conversation, check_turn, clean_turn, judge_conversations, position, progress
 from appliance.recipes.recipe import load_recipe
 from appliance.prompts.files import load_prompt
 from appliance.runs.items import ITEM_LIMIT
@@ -252,3 +252,15 @@ def test_sigkill_mid_conversation_then_the_same_command_continues_at_the_next_mi
     assert d["examples"].count == 4  # one example per conversation
     final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert "already complete" in final.stderr and d["generations"].count == len(after)
+
+
+def test_a_user_message_that_repeats_the_answer_before_it_fails_the_echo_guard(recipes):
+    f = load_recipe(variant(recipes, "conv-echo")).recipe.filters
+    chunk = ("MENENIUS: The senators of Rome are this good belly, and you the mutinous members; for examine their counsels and "
+             "their cares, digest things rightly touching the weal o' the common, you shall find no public benefit which you "
+             "receive but it proceeds or comes from them to you and no way from yourselves. Your knees to them, not arms, must help.")
+    answer = 'The line in this passage about the Roman state is: "Your knees to them, not arms, must help."'
+    echo = [v for v in check_turn(answer, "eos", 0, chunk, f, previous=answer) if v.filter == "echo"][0]
+    assert not echo.passed and "previous answer" in echo.reason
+    fine = [v for v in check_turn("Why must they kneel rather than fight?", "eos", 0, chunk, f, previous=answer) if v.filter == "echo"][0]
+    assert fine.passed

@@ -98,7 +98,8 @@ def _turn_lines(examples: list[Example]) -> list[str]:
         return []
     total = sum(k * n for k, n in counts.items())
     return ["", "## Turns", "", "| turns | conversations |", "| ---: | ---: |", *(f"| {k} | {n} |" for k, n in sorted(counts.items())),
-            "", f"{total} turns (a user message and its answer) in {sum(counts.values())} conversations."]
+            "", f"{total} turn{'s' if total != 1 else ''} (a user message and its answer) in {sum(counts.values())} "
+            f"conversation{'s' if sum(counts.values()) != 1 else ''}."]
 
 
 def dataset_card(

@@ -198,15 +198,21 @@ def assistant_system(prompt: PromptFile, conv: Conversation) -> str:
 # ------------------------------------------------------------------------------------------ checks
 
 
-def check_turn(text: str, finish_reason: str | None, side: int, chunk: str | None, f: Filters) -> list[Verdict]:
-    """Every filter's verdict on one turn (cleaned text): deterministic, so a resumed run judges alike."""
+def check_turn(text: str, finish_reason: str | None, side: int, chunk: str | None, f: Filters, previous: str | None = None) -> list[Verdict]:
+    """Every filter's verdict on one turn (cleaned text): deterministic, so a resumed run judges alike.
+    A user message is held against the chunk (a question that copies the passage holds its answer) and
+    against the answer before it (a "question" that repeats it asks nothing)."""
     verdicts = [check_not_empty(text), check_truncated(finish_reason, allow_truncated=f.allow_truncated)]
     if f.min_words is not None or f.max_words is not None:
         verdicts.append(check_length(text, min_words=f.min_words, max_words=f.max_words))
-    if chunk is not None and text and side == 0:
+    if side == 0 and text and (chunk is not None or previous):
         guard = EchoGuard(max_length_ratio=f.echo_max_length_ratio, max_ngram_overlap=f.echo_max_ngram_overlap,
                           max_shared_run=f.echo_max_shared_run)
-        v = guard.judge(echo_metrics(text, chunk))
+        v = guard.judge(echo_metrics(text, chunk)) if chunk is not None else None
+        if previous and (v is None or v.passed):  # against the answer: copying counts, not length
+            v = guard.model_copy(update={"max_length_ratio": float("inf")}).judge(echo_metrics(text, previous))
+            v = v.model_copy(update={"reason": v.reason.replace("output", "previous answer") if not v.passed else v.reason})
+        assert v is not None
         reason = v.reason.replace("instruction", "the user's message").replace("output", "passage")
         verdicts.append(v.model_copy(update={"reason": reason}))
     if chunk is not None and text and side == 1:
@@ -236,7 +242,7 @@ def progress(conv: Conversation, stored: dict[int, dict[str, Any]], f: Filters, 
             out.next = p
             return out
         text = clean_turn(g["output"])
-        verdicts = check_turn(text, g["finish_reason"], p % 2, conv.chunk, f)
+        verdicts = check_turn(text, g["finish_reason"], p % 2, conv.chunk, f, out.turns[-1][1] if out.turns else None)
         out.turns.append((g, text, verdicts))
         if not all(v.passed for v in verdicts):
             out.going, out.next = False, p + 1
