@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 APPLIANCE = str(Path(sys.executable).with_name("appliance"))
 SMOL = "smollm2-135m-instruct"
 # small and lenient: every turn is short and most pass, so there is something to export
-LENIENT = "[filters]\nmin_words = 1\nallow_truncated = true\ngrounding_min_score = 0.05\necho_max_shared_run = 40\n"
+LENIENT = "[filters]\nmin_words = 1\nallow_truncated = true\ngrounding_min_score = 0.05\necho_max_shared_run = 400\necho_max_ngram_overlap = 1.0\n"
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_chat_mode_on_smollm2_exports_multi_turn_files_that_datasets_loads(run_c
     assert "Passage:" in first_answer[0]["content"] and first_answer[1]["content"] == clean_turn(gens[0]["output"])
     if 2 * ITEM_LIMIT in gens:  # the user's second message sees the conversation so far
         follow_up = json.loads(gens[2 * ITEM_LIMIT]["messages_json"])
-        assert "Conversation so far:\nUser: " in follow_up[-1]["content"] and "Assistant: " in follow_up[-1]["content"]
+        assert "so far:\nUser: " in follow_up[-1]["content"] and "Assistant: " in follow_up[-1]["content"]
         assert json.loads(gens[2 * ITEM_LIMIT]["variables_json"])["turn"] == 2
     assert all("<|im_" not in g["output"] for g in gens.values())
     kept = [e for e in d["examples"].rows if e["kept"]]
@@ -131,7 +132,7 @@ def test_completion_mode_on_the_demo_model_is_a_transcript_cut_at_the_last_good_
     assert_turn_by_turn(d, 2)
     gens = {g["item_index"]: g for g in d["generations"].rows}
     assert all(g["messages_json"] is None for g in gens.values())
-    assert gens[0]["rendered_prompt"].endswith("\n\nUser:") and "Passage:" in gens[0]["rendered_prompt"]
+    assert gens[0]["rendered_prompt"].endswith("\n\nUser:") and "Here is a passage:" in gens[0]["rendered_prompt"]
     answer = gens[ITEM_LIMIT]["rendered_prompt"]
     assert answer.startswith("You answer questions about the passage") and answer.endswith("\nAssistant:")
     assert f"User: {clean_turn(gens[0]['output'])}\nAssistant:" in answer
@@ -215,7 +216,7 @@ def test_an_ungrounded_prompt_that_uses_the_passage_is_refused(run_cli, recipes)
 def _count(db: Path) -> int:
     try:
         return sqlite_utils.Database(db)["generations"].count if db.exists() else 0
-    except Exception:
+    except sqlite3.Error:
         return 0
 
 
@@ -223,7 +224,7 @@ def _later_turns(db: Path) -> int:
     try:
         return next(iter(sqlite_utils.Database(db).query(
             "select count(*) n from generations where item_index >= ?", [ITEM_LIMIT])))["n"]
-    except Exception:
+    except sqlite3.Error:
         return 0
 
 
@@ -242,7 +243,7 @@ def test_sigkill_mid_conversation_then_the_same_command_continues_at_the_next_mi
     proc.wait()
     before = {g["item_index"]: g["output"] for g in sqlite_utils.Database(db)["generations"].rows}
     assert 0 < len(before) and list(sqlite_utils.Database(db)["runs"].rows)[0]["status"] == "running"
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert "(resumed)" in again.stderr and "conversations: 4 started" in again.stderr, again.stderr
     d = sqlite_utils.Database(db)
     assert [r["status"] for r in d["runs"].rows] == ["completed"]
@@ -250,7 +251,7 @@ def test_sigkill_mid_conversation_then_the_same_command_continues_at_the_next_mi
     assert all(after[i] == text for i, text in before.items())  # nothing stored before the kill is lost or redone
     assert_turn_by_turn(d, 2)
     assert d["examples"].count == 4  # one example per conversation
-    final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert "already complete" in final.stderr and d["generations"].count == len(after)
 
 

@@ -43,7 +43,7 @@ from typing import Any
 from ..data.filters import (EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_length, check_not_empty,
                             check_truncated, echo_metrics)
 from ..engine.types import SamplingParams
-from ..errors import ApplianceError
+from ..errors import ApplianceError, ResumeError
 from ..events import RunEvents
 from ..models.registry import ModelRecord, Registry
 from ..prompts.files import PromptFile, load_prompt, sampling_for
@@ -62,7 +62,7 @@ SPEAKERS = {"user": "User", "assistant": "Assistant"}
 TURN_STOPS = ["\nUser:", "\nAssistant:"]  # a turn ends where the model starts writing the other speaker's (or its own next) line
 TURN_VARS = ("history", "turn", "turns")  # what the user's prompt may use besides the recipe's values
 HISTORY_VAR = "history"
-_ROLE_PREFIX = re.compile(r"^\s*[*_]*(?:user|assistant|human|ai|person)[*_]*\s*:[*_]*\s*", re.I)
+_ROLE_PREFIX = re.compile(r"^\s*[*_]*(?:user|assistant|human|ai|person)[*_]*\s*:[*_]*\s*", re.IGNORECASE)
 
 
 class ConversationError(ApplianceError):
@@ -121,10 +121,10 @@ def load_inputs(loaded: LoadedRecipe, prompt: PromptFile) -> PromptFile:
     if grounded and PASSAGE_VAR not in prompt.variables:
         raise ConversationError(f"prompt {prompt.path} must use {{{{ {PASSAGE_VAR} }}}}: the assistant answers from the chunk "
                                 f"(its variables: {', '.join(prompt.variables) or 'none'})")
-    for name, given in ((recipe.axes, "axis"), (recipe.vars, "[vars]")):
-        unused = [n for n in name if n not in prompt.variables and n not in user_prompt.variables]
+    for values, what in ((recipe.axes, "axis"), (recipe.vars, "[vars]")):
+        unused = [n for n in values if n not in prompt.variables and n not in user_prompt.variables]
         if unused:
-            raise ConversationError(f"{where}: {given} {', '.join(repr(u) for u in unused)} not used by prompt {prompt.path} "
+            raise ConversationError(f"{where}: {what} {', '.join(repr(u) for u in unused)} not used by prompt {prompt.path} "
                                     f"or user_prompt {user_prompt.path}")
     base = set(recipe.vars) | set(recipe.axes) | ({PASSAGE_VAR} if grounded else set())
     for p, extra in ((prompt, set()), (user_prompt, set(TURN_VARS))):
@@ -335,8 +335,6 @@ def check_user_prompt(store: Store, run_id: int | None, user_prompt: PromptFile)
         return
     config = json.loads(store.rows("SELECT config_json FROM runs WHERE id = ?", [run_id])[0]["config_json"] or "{}")
     if config.get("user_prompt_sha256") not in (None, user_prompt.sha256):
-        from ..errors import ResumeError
-
         raise ResumeError(f"prompt {user_prompt.path} changed since run {run_id}; use --new-run to start over")
 
 
