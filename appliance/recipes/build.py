@@ -18,7 +18,7 @@ from .sources import chunk_text, read_sources
 PASSAGE_VAR = "passage"
 
 
-def _axis_combinations(axes: dict[str, list[Any]], count: int, seed: int) -> list[dict[str, Any]]:
+def axis_combinations(axes: dict[str, list[Any]], count: int, seed: int) -> list[dict[str, Any]]:
     """`count` assignments of the axes: every combination once (shuffled by the seed) before any repeats."""
     if not axes:
         return [{} for _ in range(count)]
@@ -67,7 +67,7 @@ def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str,
     items, which is what lets a run resume."""
     recipe = loaded.recipe
     if recipe.kind == "synthetic":
-        assignments = _axis_combinations(recipe.axes, recipe.count or 0, recipe.seed)
+        assignments = axis_combinations(recipe.axes, recipe.count or 0, recipe.seed)
         chunk_ids: list[int | None] = [None] * len(assignments)
     else:
         chosen = chunks[: recipe.count] if recipe.count else chunks

@@ -22,6 +22,10 @@
     [filters]
     min_words = 3
     echo_max_length_ratio = 1.0
+
+A synthetic recipe with `magpie = true` has no prompt file: an instruct model writes each request itself
+from its chat template's pre-query text, steered by `system` (a Jinja2 template over the axes), then
+answers it (`appliance.recipes.magpie`).
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class Recipe(_Strict):
     kind: RecipeKind
     name: str | None = None
     model: str
-    prompt: str
+    prompt: str | None = Field(None, description="the prompt file (every recipe but a magpie one needs it)")
     count: int | None = Field(None, gt=0, le=1_000_000)
     seed: int = Field(0, ge=0)
     system: str | None = Field(
@@ -101,17 +105,37 @@ class Recipe(_Strict):
     filters: Filters = Field(default_factory=Filters)
     schema_file: str | None = Field(None, alias="schema", description="JSON schema the outputs must follow")
     parallel: int | None = Field(None, gt=0)
+    # -- magpie (recipes/magpie.py) --
+    magpie: bool = Field(False, description="synthetic: the model writes each request itself from its chat template's "
+                                            "pre-query text (the optional `system` steers it), then answers it")
 
     @model_validator(mode="after")
     def _by_kind(self) -> "Recipe":
         if self.kind == "synthetic" and self.count is None:
             raise ValueError("a synthetic recipe needs count")
+        if self.magpie:
+            _check_magpie(self)
+        elif self.prompt is None:
+            raise ValueError("a recipe needs prompt (a prompt file)")
         if self.kind != "synthetic" and not self.sources:
             raise ValueError(f"an {self.kind} recipe needs sources")
         for axis, values in self.axes.items():
             if not values:
                 raise ValueError(f"axis {axis!r} has no values")
         return self
+
+
+def _check_magpie(recipe: Recipe) -> None:
+    """A magpie recipe writes its own requests: keys that feed a prompt file have nothing to act on."""
+    if recipe.kind != "synthetic":
+        raise ValueError(f"magpie is a synthetic recipe key, not for an {recipe.kind} recipe")
+    if recipe.mode == "completion":
+        raise ValueError("magpie needs chat mode (an instruct model's chat template writes the pre-query text), not completion")
+    unused = [key for key, given in (("prompt", recipe.prompt), ("instruction", recipe.instruction),
+                                     ("schema", recipe.schema_file), ("filters.fidelity", recipe.filters.fidelity)) if given]
+    if unused:
+        raise ValueError(f"a magpie recipe writes its own requests, so {', '.join(unused)} would be ignored: remove "
+                         f"{'it' if len(unused) == 1 else 'them'} (the axes steer it through `system`)")
 
 
 class LoadedRecipe(BaseModel):

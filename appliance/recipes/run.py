@@ -34,6 +34,7 @@ from ..store import Store
 from . import fidelity
 from .build import PASSAGE_VAR, build_items, ingest_chunks
 from .judge import judge, store_judgement
+from .magpie import run_magpie
 from .recipe import LoadedRecipe, Recipe
 from .retry import attempt_of, attempts, cleaned, run_retries
 
@@ -116,8 +117,12 @@ def run_recipe(
     events: RunEvents | None = None,
     cluster: Any = None,
 ) -> RunSummary:
+    if loaded.recipe.magpie:  # no prompt file: the model writes its own requests (recipes/magpie.py)
+        return run_magpie(store, registry, loaded, resume=resume, new_run=new_run, n_parallel=n_parallel, mode=mode,
+                          chat_template=chat_template, events=events, cluster=cluster, name=_run_name(loaded))
     events = events or RunEvents()
     recipe = loaded.recipe
+    assert recipe.prompt is not None  # the recipe validator requires it for every recipe but a magpie one
     prompt = load_prompt(loaded.resolve(recipe.prompt))
     checks = _checked_inputs(loaded, prompt)
     schema = load_json_schema(loaded.resolve(recipe.schema_file)) if recipe.schema_file else None

@@ -72,7 +72,9 @@ def summarize(store: Store, run_id: int) -> RunSummary:
 def truncation_advice(store: Store, run: dict[str, Any]) -> list[str]:
     """The fix for outputs dropped as cut off at the token limit: the limit the run used and the lengths seen."""
     limit = json.loads(run["params_json"] or "{}").get("max_tokens")
-    rows = store.rows("SELECT finish_reason, tokens_out FROM generations WHERE run_id = ? AND item_index < ?", [run["id"], ITEM_LIMIT])
+    # the generations examples are made of (a magpie run's answers sit above ITEM_LIMIT, after their requests)
+    rows = store.rows("SELECT g.finish_reason, g.tokens_out FROM examples e JOIN generations g ON g.id = e.generation_id "
+                      "WHERE e.run_id = ?", [run["id"]])
     cut = sum(r["finish_reason"] == "length" for r in rows)
     ended = sorted(r["tokens_out"] for r in rows if r["finish_reason"] != "length")
     seen = (f"the {len(ended)} that ended on their own used {ended[0]}-{ended[-1]} tokens (median {ended[len(ended) // 2]})"
