@@ -69,7 +69,8 @@ def test_requests_and_answers_with_lineage_and_the_openai_export(run_cli, smol, 
     assert sorted(requests) == [0, 1, 2, 3] and answers
     for item, g in requests.items():
         system = json.loads(g["messages_json"])[0]["content"]
-        assert system.startswith("You are a helpful assistant. Users ask you short practical questions about ")
+        topic = json.loads(g["variables_json"])["topic"]  # the recipe's system template, rendered over the item's axes
+        assert system == f"You are an expert in {topic}. Answer questions about {topic}."
         assert g["rendered_prompt"] == f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"  # the raw pre-query text
         assert "<|im_end|>" not in g["output"] and "<|im_start|>" not in g["output"]
     ended = [g for g in requests.values() if g["finish_reason"] == "eos"]
@@ -156,3 +157,29 @@ def test_refused_in_one_line_for_a_base_model_and_for_completion_mode(run_cli, s
     res = run_cli("run", str(bad), ok=False)
     assert res.exit_code == 1 and "needs prompt" in res.output
     assert run_cli.table("runs") == []  # nothing was started
+    # a template given for the base model makes it run (its requests are whatever a base model writes)
+    base.write_text(base.read_text().replace("count = 4", "count = 2").replace("max_tokens = 40", "max_tokens = 12"))
+    run_cli("run", str(base), "--chat-template", "gemma", ok=False)
+    run = run_cli.table("runs")[0]
+    assert run["status"] == "completed" and run["mode"] == "chat"
+    first = run_cli.table("generations")[0]["rendered_prompt"]
+    assert first.startswith("<bos><start_of_turn>user\nYou are an expert in ") and first.endswith(".\n\n")  # system merged
+
+
+def test_request_verdicts(smollm2_model, recipe):
+    from appliance.recipes.magpie import Magpie
+    from appliance.recipes.recipe import load_recipe
+
+    magpie = Magpie(load_recipe(recipe), PromptStyle("chat", load_chat_template(smollm2_model, None, "smol"), "smol"), None)
+
+    def verdict(output: str, finish: str = "eos") -> tuple[str, bool, str]:
+        request, v = magpie.request({"output": output, "finish_reason": finish})
+        return request, v.passed, v.reason
+
+    assert verdict(" How do I keep basil alive indoors?") == ("How do I keep basil alive indoors?", True, "a request of 7 words")
+    assert verdict("assistant\nSure! Basil needs sun.")[1:] == (False, "the model opened the assistant's turn instead of writing a request")
+    assert verdict("  \n")[1:] == (False, "the request is empty")
+    assert verdict("How do I keep basil alive and", "length")[1:] == (False, "the request was cut off at max_tokens")
+    assert verdict("Hello there")[1:] == (False, "the request has 2 words, fewer than 3")
+    # a request the model ended by starting the assistant's turn is whole, even when the answer ran to the limit
+    assert verdict("Why do basil leaves droop?\nassistant\nBecause", "length") == ("Why do basil leaves droop?", True, "a request of 5 words")

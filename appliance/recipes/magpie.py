@@ -263,9 +263,10 @@ def run_magpie(
         executions = [session.generate(items, request_params, prompt_id=prompt_id)]
         executions += run_retries(session, prompt_id, items, request_params, recipe.seed)
         answers = magpie.answer_items(store, run_id)
-        if pending(store, run_id, answers):
-            session.event("info", f"magpie: answering {len(answers)} of {len(items)} requests "
-                                  f"({len(items) - len(answers)} dropped: see the `request` verdicts)")
+        todo = pending(store, run_id, answers)
+        if todo:
+            session.event("info", f"magpie: {len(answers)} of {len(items)} requests kept (the others' `request` verdicts "
+                                  f"say why); answering {len(todo)}")
         executions.append(session.generate(answers, params, prompt_id=prompt_id))
         store_judgement(store, run_id, recipe, magpie.judge(store, run_id))
         session.complete()
