@@ -86,7 +86,7 @@ class OldIndex:
                        reason=f"near-duplicate of item {match.key} (estimated Jaccard {match.similarity:.2f})")
 
 
-def old_clusters(examples: list[Example], threshold: float) -> list[list[Example]]:
+def old_clusters(examples: list[Example], threshold: float, sketches: object = None) -> list[list[Example]]:
     """splits._clusters before issue 22, over the old index."""
     parent = list(range(len(examples)))
 

@@ -4,6 +4,7 @@ model, prompt and recipe behind the run; the prompt texts in an appendix)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import statistics
@@ -146,7 +147,7 @@ def dataset_card(
         lines += ["", "## Provenance", "", *provenance]
 
     lines += ["", "## Examples", ""]
-    shown = [(split_name, ex) for split_name, split in splits.items() for ex in split][:3]
+    shown = list(itertools.islice(((split_name, ex) for split_name, split in splits.items() for ex in split), 3))
     for number, (split_name, ex) in enumerate(shown, start=1):
         label = f", label {ex.label}" if ex.label is not None else ""
         lines += [f"### Example {number} ({split_name}, id {ex.id}{label})", ""]
