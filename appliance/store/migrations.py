@@ -6,8 +6,10 @@ Users query these tables with sqlite-utils and Datasette, so tables and columns 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import sqlite_utils
+if TYPE_CHECKING:  # the migrations get it from Store.db, which imports it only when one is pending
+    import sqlite_utils
 
 
 def _m001_core(db: sqlite_utils.Database) -> None:
