@@ -14,13 +14,15 @@ import re
 import statistics
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import jsonschema
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ApplianceError
+
+if TYPE_CHECKING:
+    import jsonschema
 
 _WORD = re.compile(r"\w+")
 
@@ -225,6 +227,8 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 @lru_cache(maxsize=32)
 def _validator(schema_json: str) -> jsonschema.Draft202012Validator:
+    import jsonschema  # here, not at the top: 40 ms that only JSON checks need (export does not)
+
     schema = json.loads(schema_json)
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
@@ -245,7 +249,9 @@ def check_json(text: str, schema: dict | None = None) -> Verdict:
     except json.JSONDecodeError as exc:
         return Verdict(filter="json", passed=False, reason=f"not valid JSON: {exc}")
     if schema is not None:
-        error = jsonschema.exceptions.best_match(json_validator(schema).iter_errors(value))
+        from jsonschema.exceptions import best_match
+
+        error = best_match(json_validator(schema).iter_errors(value))
         if error is not None:
             return Verdict(filter="json", passed=False, reason=f"schema: {error.json_path}: {_one_line(error.message)}")
         return Verdict(filter="json", passed=True, reason="valid JSON, matches the schema")
