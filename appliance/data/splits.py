@@ -116,12 +116,7 @@ def split_examples(
         stratum = strata[key]
         rng.shuffle(stratum)
         seen += sum(map(len, stratum))
-        targets = [(name, ratio * seen) for name, ratio in ratios.items()]
-        for cluster in stratum:
-            # the split furthest below its target (ties: the smaller, then the first named)
-            name = max(targets, key=lambda t: (round(t[1] - counts[t[0]], 9), -counts[t[0]]))[0]
-            assigned[name].append(cluster)
-            counts[name] += len(cluster)
+        _assign(stratum, [(name, ratio * seen) for name, ratio in ratios.items()], assigned, counts)
     _fill_empty(assigned)
     result = {}
     for name, parts in assigned.items():
@@ -129,6 +124,23 @@ def split_examples(
         rng.shuffle(split)
         result[name] = split
     return result
+
+
+def _assign(clusters: list[list[Example]], targets: list[tuple[str, float]], assigned: dict[str, list[list[Example]]],
+            counts: dict[str, int]) -> None:
+    """Each cluster in turn to the split furthest below its target count (rounded to 9 decimals; ties: the
+    split with fewer examples, then the first named): `max` by (gap, -count), without a call per split."""
+    names, goal = [name for name, _ in targets], [target for _, target in targets]
+    have = [counts[name] for name in names]
+    for cluster in clusters:
+        best, best_gap, best_have = 0, round(goal[0] - have[0], 9), have[0]
+        for k in range(1, len(names)):
+            gap = round(goal[k] - have[k], 9)
+            if gap > best_gap or (gap == best_gap and have[k] < best_have):
+                best, best_gap, best_have = k, gap, have[k]
+        assigned[names[best]].append(cluster)
+        have[best] += len(cluster)
+    counts.update(zip(names, have))
 
 
 def _main_label(cluster: list[Example]) -> str:
