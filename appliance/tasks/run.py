@@ -25,6 +25,7 @@ from ..engine.types import SamplingParams
 from ..errors import ApplianceError
 from ..events import RunEvents
 from ..data.examples import Example
+from ..data.sketches import ExampleSketches
 from ..data.splits import parse_split_spec, split_examples
 from ..runs.queries import find_resumable
 from ..runs.summary import RunSummary, summarize
@@ -352,8 +353,9 @@ def _judge_and_store(store: Store, run_id: int, loaded: LoadedTaskSpec, answers:
                         group=f"{a.task}:{a.input_index}", label=f"{a.task}:{a.majority}" if spec.task(a.task).kind == "classify" else a.task)
                 for a in kept]
     split_of: dict[str, str] = {}
+    sketches = ExampleSketches(examples)  # each kept example's MinHash: split on, and stored for export
     if examples:
-        for name, part in split_examples(examples, ratios, seed=spec.seed).items():
+        for name, part in split_examples(examples, ratios, seed=spec.seed, sketches=sketches).items():
             split_of.update({ex.id: name for ex in part})
     with store.transaction() as conn:
         conn.execute("DELETE FROM verdicts WHERE run_id = ?", [run_id])
@@ -371,6 +373,7 @@ def _judge_and_store(store: Store, run_id: int, loaded: LoadedTaskSpec, answers:
                 "label": a.majority if task.kind == "classify" else None, "confidence": a.agreement,
                 "group_key": f"{task.name}:{a.input_index}", "kept": int(keep),
                 "split": split_of.get(str(a.input_index)) if keep else None, "created_at": utcnow(),
+                "minhash": sketches.blob(str(a.input_index)) if keep else None,
             })
 
 
