@@ -14,7 +14,7 @@ import re
 import statistics
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jsonschema
 import numpy as np
@@ -34,6 +34,7 @@ class Verdict(BaseModel):
     passed: bool
     score: float | None = None
     reason: str
+    detail: dict[str, Any] | None = None  # stored as verdicts.detail_json (the rubric judge's score per criterion)
 
 
 def words(text: str) -> list[str]:

@@ -14,6 +14,8 @@ from ..store import Store, command_prefix
 from .items import FIDELITY_BASE, ITEM_LIMIT, RECIPE_KINDS, Execution
 from .queries import first_failures
 
+RETRYING_KINDS = ("synthetic", "annotated", "augmented")  # the others use the item indices of retries for their own items
+
 
 @dataclass
 class RunSummary:
@@ -54,7 +56,7 @@ def summarize(store: Store, run_id: int) -> RunSummary:
     generated = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?" + (" AND item_index < ?" if recipe_run else ""),
                            [run_id] + ([ITEM_LIMIT] if recipe_run else []))[0]["n"]  # the items, not their retries or checks
     retried = store.rows("SELECT count(*) n FROM generations WHERE run_id = ? AND item_index >= ? AND item_index < ?",
-                         [run_id, ITEM_LIMIT, FIDELITY_BASE])[0]["n"] if recipe_run else 0
+                         [run_id, ITEM_LIMIT, FIDELITY_BASE])[0]["n"] if run["kind"] in RETRYING_KINDS else 0
     kept = store.rows("SELECT count(*) n FROM examples WHERE run_id = ? AND kept = 1", [run_id])[0]["n"]
     dropped, reasons = first_failures(store, run_id)
     echo = None
