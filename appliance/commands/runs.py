@@ -116,6 +116,8 @@ def _print_summary(s, see: str) -> None:
         click.echo(f"  empty outputs generated again with a new seed: {s.retried}", err=True)
     for axis, (hit, n) in s.fidelity.items():
         click.echo(f"  fidelity {axis}: {hit} of {n} outputs labelled as asked ({hit / n:.0%})" if n else f"  fidelity {axis}: nothing checked", err=True)
+    if s.judge:
+        click.echo(f"  {s.judge.line()}", err=True)
     if s.echo:
         r, o = s.echo["length_ratio"], s.echo["ngram_overlap"]
         click.echo(
