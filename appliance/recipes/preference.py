@@ -23,7 +23,14 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..data.filters import Verdict, check_json, check_length, check_not_empty, check_truncated, cue_verdict
+from ..data.filters import (
+    Verdict,
+    check_json,
+    check_length,
+    check_not_empty,
+    check_truncated,
+    cue_verdict,
+)
 from ..engine.types import SamplingParams
 from ..runs.items import ITEM_LIMIT, JUDGE_BASE, Execution, Item, item_seeds, merge
 from ..runs.rubric import Judged, Rubric, judge_verdicts, run_judge
