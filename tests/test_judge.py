@@ -220,3 +220,26 @@ def test_sigkill_during_a_preference_run_then_rerun_stores_nothing_twice(run_cli
     assert len(responses) == 6 and len(judged) == passed_filters <= 6
     assert d["examples"].count == 3
     assert [r["status"] for r in d.query("select status from runs")] == ["completed"]
+
+
+def test_a_task_spec_judge_scores_agreed_answers_before_balance(run_cli, workdir, demo_model):
+    """The demo base model is teacher and judge (completion mode: the judge's JSON follows a blank line)."""
+    import shutil
+
+    shutil.copytree(REPO / "tasks", workdir / "tasks")
+    path = workdir / "tasks" / "smart-home.toml"
+    text = path.read_text().replace("count = 40", "count = 16").replace("samples = 3", "samples = 1")
+    text = text.replace("[sampling.inputs]", JUDGE.format(extra="threshold = 2.0") + "\n[sampling.inputs]", 1)
+    path.write_text(text.replace('model = "gemma-3-270m-q4_k_m"', f'model = "{demo_model}"'))
+    res = run_cli("run", str(path), ok=False)
+    assert "Traceback" not in res.output, res.output
+    judged = _verdicts(run_cli, "judge")
+    judge_gens = [g for g in run_cli.table("generations") if g["item_index"] >= JUDGE_BASE]
+    assert judged and len(judged) == len(judge_gens)
+    assert all(g["rendered_prompt"].startswith("You grade responses") and "\nInput: " in g["rendered_prompt"] for g in judge_gens)
+    examples = {e["generation_id"]: e for e in run_cli.table("examples")}
+    for v in judged:
+        assert set(json.loads(v["detail_json"])) == {"accuracy", "clarity"}
+        if not v["passed"]:
+            assert examples[v["generation_id"]]["kept"] == 0
+    assert "judge: " in res.output and "scored" in res.output

@@ -193,7 +193,8 @@ def load_rubric(config: JudgeConfig, resolve: Callable[[str], Path], registry: R
                          f"(it gives: {', '.join(PROMPT_VARIABLES)})")
     record = registry.resolve(config.model) if config.model else run_record
     same = record.path == run_record.path
-    style = style_for(record, prompt=prompt, chat_template=chat_template if same else None, fewshot=False)
+    # the built-in prompt is written as turns for both modes: chat when the model has a template, else completion text
+    style = style_for(record, prompt=prompt if config.prompt else None, chat_template=chat_template if same else None, fewshot=False)
     rubric = Rubric(config, prompt, record, style)
     try:
         rubric.grammar()
