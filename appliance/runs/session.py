@@ -16,8 +16,10 @@ reason; Ctrl-C becomes `RunInterrupted` with the command that continues the run)
 The session's workers generate: a `worker.ModelWorker` in this process, or (`run --ray`) one per Ray
 actor (`cluster.RayWorkers`). Either loads the model once, on the first `generate`, and reuses it for
 every later stage; a stage that could not fit one sequence in the loaded context reloads it (each load
-is recorded in the run's events with its time and where it ran). Rows are written here, by this
-process's one writer, whatever generated them.
+is recorded in the run's events with its time and where it ran). A later stage may need another model
+(a rubric judge that is not the run's model): `use_model` releases the loaded one and plans the other,
+which loads on the next `generate` (the switch and the load are run events; `loads` counts both).
+Rows are written here, by this process's one writer, whatever generated them.
 """
 
 from __future__ import annotations
