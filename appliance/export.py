@@ -134,7 +134,7 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
         extra["empty outputs generated again with a new seed"] = summary.retried
     card.write_text(dataset_card(run["name"] or f"run {run_id}", splits, summary.dropped, fmt, extra,
                                  fidelity=summary.fidelity, provenance=provenance, prompts=prompts_used(store, run_id),
-                                 labels=expected_labels(store, run_id)), encoding="utf-8")
+                                 labels=expected_labels(store, run_id), judge=summary.judge), encoding="utf-8")
     return ExportResult(files, card, summary.dropped)
 
 

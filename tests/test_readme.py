@@ -41,6 +41,7 @@ SMALLER = {
     "tasks/smart-home.toml": [("count = 40", "count = 16"), ("samples = 3", "samples = 1")],
     "recipes/instruct-explanations.toml": [("count = 12", "count = 4")],
     "recipes/magpie-smollm2.toml": [("count = 12", "count = 4")],
+    "recipes/preference-explanations.toml": [("count = 8", "count = 4")],
 }
 
 

@@ -100,6 +100,7 @@ def dataset_card(
     provenance: list[str] | None = None,
     prompts: list[dict[str, Any]] | None = None,
     labels: list[str] | None = None,
+    judge: Any = None,
 ) -> str:
     """A Markdown card: counts per split, label and group; word-length statistics; drops per filter (each
     dropped example under the first filter it failed); the fidelity rate per checked axis; three examples
@@ -145,6 +146,9 @@ def dataset_card(
                   "| axis | labelled as asked | checked | rate |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {axis} | {hit} | {n} | {hit / n:.1%} |" if n else f"| {axis} | 0 | 0 | - |" for axis, (hit, n) in fidelity.items()]
 
+    if judge:
+        lines += _judge_lines(judge)
+
     if provenance:
         lines += ["", "## Provenance", "", *provenance]
 
@@ -166,3 +170,16 @@ def dataset_card(
         for p in prompts:
             lines += _text_block(f"{p['name']} (sha256 {p['sha256']})", p["text"], limit=20000)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _judge_lines(judge: Any) -> list[str]:
+    """The rubric judge's score distribution (`appliance.runs.summary.JudgeStats`): outputs per score, per criterion."""
+    scores = sorted({score for counts in judge.counts.values() for score in counts})
+    lines = ["", "## Judge scores", "",
+             f"A model scored {judge.scored} outputs on each criterion under a grammar; {judge.passed} reached a mean of "
+             f"{judge.threshold:g} (an example below it is dropped; a preference pair needs its chosen response to reach it).", "",
+             "| criterion | " + " | ".join(str(s) for s in scores) + " | mean |",
+             "| --- | " + " | ".join("---:" for _ in scores) + " | ---: |"]
+    for name, counts in judge.counts.items():
+        lines.append(f"| {name} | " + " | ".join(str(counts.get(s, 0)) for s in scores) + f" | {judge.mean(name):.2f} |")
+    return lines

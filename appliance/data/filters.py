@@ -14,7 +14,7 @@ import re
 import statistics
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +36,7 @@ class Verdict(BaseModel):
     passed: bool
     score: float | None = None
     reason: str
+    detail: dict[str, Any] | None = None  # stored as verdicts.detail_json (the rubric judge's score per criterion)
 
 
 def words(text: str) -> list[str]:

@@ -12,7 +12,7 @@ from ..prompts.files import PromptFile
 from ..runs.items import Item, item_seeds
 from ..runs.style import PromptStyle
 from ..store import Store, insert_row, utcnow
-from .recipe import LoadedRecipe
+from .recipe import FROM_AXES, LoadedRecipe
 from .sources import chunk_text, read_sources
 
 PASSAGE_VAR = "passage"
@@ -66,7 +66,7 @@ def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str,
     """The run's items, fully determined by the recipe (and its sources): the same recipe gives the same
     items, which is what lets a run resume."""
     recipe = loaded.recipe
-    if recipe.kind == "synthetic":
+    if recipe.kind in FROM_AXES:
         assignments = axis_combinations(recipe.axes, recipe.count or 0, recipe.seed)
         chunk_ids: list[int | None] = [None] * len(assignments)
     else:

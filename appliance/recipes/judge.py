@@ -19,7 +19,7 @@ from ..data.filters import (EchoGuard, NearDuplicateIndex, Signature, Verdict, c
                             check_truncated, cue_verdict, echo_metrics)
 from ..data.sketches import add_minhashes
 from ..runs.summary import fidelity_labels
-from ..store import Store, insert_row, utcnow
+from ..store import Store, insert_row, to_json, utcnow
 from . import fidelity
 from .recipe import Recipe
 from .retry import attempt_of, attempts, cleaned
@@ -35,9 +35,11 @@ class Candidate:
     chunk_id: int | None
     verdicts: list[Verdict] = field(default_factory=list)
     echo: dict[str, Any] | None = None
-    replaced: bool = False  # an empty attempt generated again: its verdicts are kept, it makes no example
+    replaced: bool = False  # an empty attempt generated again (or a preference response): its verdicts are kept, it makes no example
     system: str | None = None  # the system text the model was given (chat mode), or the recipe's `system`
     signature: Signature | None = None  # the duplicate filter's MinHash of its text: stored with the example when it fits
+    rejected: str | None = None  # a preference pair's worse response (`output` is the chosen one)
+    rejected_generation_id: int | None = None
 
     @property
     def kept(self) -> bool:
@@ -143,7 +145,8 @@ def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[
         for c in candidates:
             for v in c.verdicts:
                 insert_row(conn, "verdicts", {"run_id": run_id, "generation_id": c.generation_id, "filter": v.filter,
-                                              "passed": int(v.passed), "score": v.score, "reason": v.reason})
+                                              "passed": int(v.passed), "score": v.score, "reason": v.reason,
+                                              "detail_json": to_json(v.detail) if v.detail is not None else None})
             if c.replaced:
                 continue
             examples.append({
@@ -151,6 +154,7 @@ def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[
                 "instruction": c.instruction, "input": c.input, "output": c.output, "system": c.system,
                 "label": None, "group_key": f"chunk:{c.chunk_id}" if c.chunk_id else f"item:{c.item_index}",
                 "kept": int(c.kept), "created_at": utcnow(),
+                "rejected": c.rejected, "rejected_generation_id": c.rejected_generation_id,
             })
             signatures.append(c.signature)
         add_minhashes(examples, signatures)
