@@ -40,6 +40,8 @@ SMALLER = {
     "recipes/augmented-qa.toml": [("count = 16", "count = 6")],  # 2-3 may keep nothing (grounding): the run exits 1
     "tasks/smart-home.toml": [("count = 40", "count = 16"), ("samples = 3", "samples = 1")],
     "recipes/instruct-explanations.toml": [("count = 12", "count = 4")],
+    "recipes/magpie-smollm2.toml": [("count = 12", "count = 4")],
+    "recipes/preference-explanations.toml": [("count = 8", "count = 4")],
 }
 
 

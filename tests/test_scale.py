@@ -7,14 +7,21 @@ clusters and splits of the new one are compared with it on a few thousand texts 
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import jinja2.sandbox
+import numpy as np
 import pytest
 from datasketch import MinHash, MinHashLSH
 
+from appliance import export as export_module
+from appliance.data import filters as filters_module
+from appliance.data import sketches as sketches_module
 from appliance.data import splits as splits_module
 from appliance.data.examples import Example, dedup_text
 from appliance.data.filters import (
@@ -24,7 +31,14 @@ from appliance.data.filters import (
     minhash_values,
     words,
 )
+from appliance.data.sketches import (
+    ExampleSketches,
+    band_ranges,
+    duplicate_pairs,
+    sketch_texts,
+)
 from appliance.data.splits import cross_split_duplicates, split_examples
+from appliance.export import export_run
 from appliance.prompts.files import parse_prompt
 from appliance.runs.queries import search_generations
 from appliance.store import Store
@@ -86,7 +100,7 @@ class OldIndex:
                        reason=f"near-duplicate of item {match.key} (estimated Jaccard {match.similarity:.2f})")
 
 
-def old_clusters(examples: list[Example], threshold: float) -> list[list[Example]]:
+def old_clusters(examples: list[Example], threshold: float, sketches: object = None) -> list[list[Example]]:
     """splits._clusters before issue 22, over the old index."""
     parent = list(range(len(examples)))
 
@@ -246,3 +260,134 @@ def test_browse_suggests_no_facets(tmp_path: Path) -> None:
 
     Store(tmp_path / "a.db").close()
     assert make_datasette(tmp_path / "a.db").setting("suggest_facets") is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored MinHashes (migration 8): written with each kept example, read by export.
+
+
+def old_pairs(texts: list[str], threshold: float = 0.8) -> set[tuple[int, int]]:
+    """The duplicate pairs (earlier, later) the old index finds, one text at a time."""
+    index, pairs = OldIndex(threshold=threshold), set()
+    for i, text in enumerate(texts):
+        pairs.update((int(m.key), i) for m in index.matches(text))
+        index.insert(str(i), text)
+    return pairs
+
+
+def old_crossing(splits: dict[str, list[Example]]) -> int:
+    """cross_split_duplicates before issue 22: examples with a duplicate (by the old index) in another split."""
+    keyed = [(name, ex) for name, part in splits.items() for ex in part]
+    pairs = old_pairs([dedup_text(ex) for _, ex in keyed])
+    crossing: set[int] = set()
+    for i, j in pairs:
+        if keyed[i][0] != keyed[j][0]:
+            crossing.update((i, j) if words(dedup_text(keyed[j][1])) else (j,))
+    return len(crossing)
+
+
+def test_permutations_and_bands_are_datasketchs() -> None:
+    for num_perm, seed in ((128, 1), (64, 7)):
+        assert (filters_module._permutations(num_perm, seed) == MinHash(num_perm=num_perm, seed=seed).permutations).all()
+    for (threshold, num_perm), (b, r) in sketches_module._BANDS.items():
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        assert (lsh.b, lsh.r) == (b, r)
+        assert list(band_ranges(threshold, num_perm)) == list(lsh.hashranges)
+    assert list(band_ranges(0.6)) == list(MinHashLSH(threshold=0.6, num_perm=128).hashranges)  # not in the table
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.6])
+def test_bulk_pairs_are_the_old_index_pairs(threshold: float) -> None:
+    texts = texts_with_near_duplicates(3000, seed=13) + ["", "!", "the kettle", "The kettle."]
+    pairs = duplicate_pairs(sketch_texts(texts), threshold)
+    assert pairs == sorted(old_pairs(texts, threshold))
+    assert len(pairs) > 100 and (3002, 3003) in pairs  # exact ones too, with words and without (each with the first)
+    assert any(j == 3001 and not words(texts[i]) for i, j in pairs)
+
+
+def test_cross_split_count_unchanged_on_splits_that_leak() -> None:
+    texts = texts_with_near_duplicates(2000, seed=17)
+    rng = random.Random(4)
+    examples = [Example(id=str(i), instruction="Write.", output=t) for i, t in enumerate(texts)]
+    splits: dict[str, list[Example]] = {"train": [], "validation": [], "test": []}
+    for ex in examples:  # assigned at random: near duplicates land in different splits
+        splits[rng.choice(list(splits))].append(ex)
+    expected = old_crossing(splits)
+    assert expected > 50
+    assert cross_split_duplicates(splits) == (expected, len(examples))
+    reordered = list(reversed(examples))  # sketches made for the same examples in another order, found by id
+    assert cross_split_duplicates(splits, sketches=ExampleSketches(reordered)) == (expected, len(examples))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_scale", Path(__file__).resolve().parent.parent / "scripts" / "bench_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[int]]:
+    """A synthetic run of 600 items (about 5% near duplicates) made by the bench through the project's own
+    items, writer, judge and store_judgement; and how many texts store_judgement hashed itself."""
+    tmp = tmp_path_factory.mktemp("grown")
+    bench, hashed = _bench(), []
+    real = sketches_module.sketch_texts
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sketches_module, "sketch_texts", lambda texts: (texts := list(texts), hashed.append(len(texts)), real(texts))[2])
+        run_id, _ = bench.grow(tmp / "a.db", bench.scale_recipe(tmp, 600), 600)
+    return tmp / "a.db", run_id, hashed
+
+
+def test_stored_minhashes_are_the_recomputed_ones(grown: tuple[Path, int, list[int]]) -> None:
+    db, run_id, hashed = grown
+    store = Store(db, readonly=True)
+    rows = store.rows("SELECT id, instruction, input, output, messages_json, kept, minhash FROM examples WHERE run_id = ? ORDER BY id", [run_id])
+    kept = [r for r in rows if r["kept"]]
+    assert len(kept) > 500 and len(rows) > len(kept)
+    assert all(r["minhash"] is None for r in rows if not r["kept"])
+    texts = [dedup_text(Example(id="", instruction=r["instruction"], input=r["input"], output=r["output"])) for r in kept]
+    recomputed = sketch_texts(texts)
+    assert [r["minhash"] for r in kept] == [recomputed.blob(i) for i in range(len(kept))]
+    old = OldIndex()
+    for r, text in list(zip(kept, texts))[:50]:  # the values datasketch gives, as stored (little-endian uint32)
+        assert (np.frombuffer(r["minhash"], dtype="<u4") == old.minhash(words(text)).hashvalues).all()
+    assert hashed == [0]  # every kept example's MinHash was the duplicate filter's, not hashed again
+
+
+def _export(db: Path, out: Path, readonly: bool = True) -> str:
+    """Every file of `export RUN --split train=0.8,validation=0.1,test=0.1`, the card without its timestamp."""
+    out.mkdir()
+    store = Store(db, readonly=readonly)
+    export_run(store, 1, "jsonl", out / "d.jsonl", split="train=0.8,validation=0.1,test=0.1", seed=3)
+    store.close()
+    return "".join(f"== {p.name}\n" + "".join(line for line in p.read_text().splitlines(True) if not line.startswith("- exported "))
+                   for p in sorted(out.iterdir()))
+
+
+def test_export_is_the_same_without_stored_minhashes(grown: tuple[Path, int, list[int]], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    db, _, _ = grown
+    stored = _export(db, tmp_path / "stored")
+    nulls, dropped = tmp_path / "nulls.db", tmp_path / "dropped.db"
+    for copy, sql in ((nulls, "UPDATE examples SET minhash = NULL"), (dropped, "ALTER TABLE examples DROP COLUMN minhash")):
+        copy.write_bytes(db.read_bytes())
+        conn = sqlite3.connect(copy)
+        conn.execute(sql)
+        conn.commit()
+        conn.close()
+    assert _export(nulls, tmp_path / "nulls") == stored  # rows written before migration 8: computed at export
+    assert _export(dropped, tmp_path / "dropped") == stored  # a database from before it, opened read-only
+    monkeypatch.setattr(splits_module, "_clusters", old_clusters)  # the old index's clusters: the same splits
+    monkeypatch.setattr(export_module, "cross_split_duplicates", lambda splits, sketches=None: (old_crossing(splits), sum(map(len, splits.values()))))
+    assert _export(dropped, tmp_path / "old") == stored
+    assert "test.jsonl" in stored and "0 of " in stored
+
+
+def test_export_imports_neither_datasketch_nor_pandas(grown: tuple[Path, int, list[int]], tmp_path: Path) -> None:
+    db, run_id, _ = grown
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "appliance", "--db", str(db), "export", str(run_id),
+                           "--out", str(tmp_path / "d.jsonl"), "--split", "train=0.9,test=0.1"],
+                          capture_output=True, text=True, check=True, cwd=tmp_path)
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "appliance" in imported and not imported & {"datasketch", "scipy", "pandas", "sqlite_utils", "jsonschema"}

@@ -82,7 +82,7 @@ def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, 
 @click.pass_context
 def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, verbose: bool, quiet: bool,
             mode, chat_template, ray, ray_actors) -> None:
-    """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented) or a task spec
+    """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented, preference) or a task spec
     (`[[tasks]]`: data for small models). Re-running the file continues its unfinished run."""
     from ..launch import run_file
     from ..views.progress import GenerationProgress, text_row
@@ -116,6 +116,8 @@ def _print_summary(s, see: str) -> None:
         click.echo(f"  empty outputs generated again with a new seed: {s.retried}", err=True)
     for axis, (hit, n) in s.fidelity.items():
         click.echo(f"  fidelity {axis}: {hit} of {n} outputs labelled as asked ({hit / n:.0%})" if n else f"  fidelity {axis}: nothing checked", err=True)
+    if s.judge:
+        click.echo(f"  {s.judge.line()}", err=True)
     if s.echo:
         r, o = s.echo["length_ratio"], s.echo["ngram_overlap"]
         click.echo(

@@ -14,13 +14,15 @@ import re
 import statistics
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import jsonschema
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ApplianceError
+
+if TYPE_CHECKING:
+    import jsonschema
 
 _WORD = re.compile(r"\w+")
 
@@ -34,6 +36,7 @@ class Verdict(BaseModel):
     passed: bool
     score: float | None = None
     reason: str
+    detail: dict[str, Any] | None = None  # stored as verdicts.detail_json (the rubric judge's score per criterion)
 
 
 def words(text: str) -> list[str]:
@@ -225,6 +228,8 @@ def _one_line(text: str, limit: int = 200) -> str:
 
 @lru_cache(maxsize=32)
 def _validator(schema_json: str) -> jsonschema.Draft202012Validator:
+    import jsonschema  # here, not at the top: 40 ms that only JSON checks need (export does not)
+
     schema = json.loads(schema_json)
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
@@ -245,7 +250,9 @@ def check_json(text: str, schema: dict | None = None) -> Verdict:
     except json.JSONDecodeError as exc:
         return Verdict(filter="json", passed=False, reason=f"not valid JSON: {exc}")
     if schema is not None:
-        error = jsonschema.exceptions.best_match(json_validator(schema).iter_errors(value))
+        from jsonschema.exceptions import best_match
+
+        error = best_match(json_validator(schema).iter_errors(value))
         if error is not None:
             return Verdict(filter="json", passed=False, reason=f"schema: {error.json_path}: {_one_line(error.message)}")
         return Verdict(filter="json", passed=True, reason="valid JSON, matches the schema")
@@ -334,10 +341,12 @@ class Signature(NamedTuple):
 
 @lru_cache(maxsize=8)
 def _permutations(num_perm: int, seed: int) -> np.ndarray:
-    """datasketch's permutations for (num_perm, seed), made once per process: `MinHash()` draws them
-    again on every call, which was most of the cost of hashing 100k texts."""
-    from datasketch import MinHash  # here, not at the top: datasketch imports scipy (1 s), which only de-duplication needs
-    return MinHash(num_perm=num_perm, seed=seed).permutations
+    """datasketch's affine32 permutations for (num_perm, seed) (`MinHash(num_perm, seed).permutations`, drawn
+    the same way), made once per process: `MinHash()` draws them again on every call, which was most of
+    the cost of hashing 100k texts; drawn here without importing datasketch, which imports scipy (1 s)."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    return np.array([a, gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)])
 
 
 def _fmix32(hv: np.ndarray) -> np.ndarray:
@@ -383,13 +392,15 @@ class NearDuplicateIndex:
     128 permutations) and each candidate is checked against `threshold`. Texts shorter than `shingle`
     words use single words. Deterministic for a fixed `seed`. Memory: about 1 KiB per indexed text.
     Every method takes a text or its `Signature`: callers that both query and index a text, or index
-    many, compute signatures once (in bulk: `signatures`)."""
+    many, compute signatures once (in bulk: `signatures`). The pairs among many texts at once (splits,
+    export) are `sketches.duplicate_pairs`'s, over the same values and bands."""
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: int = 3, seed: int = 1) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
-        from datasketch import MinHashLSH  # see _permutations
+        # here, not at the top: datasketch imports scipy (1 s), which only the run's duplicate filter needs
+        from datasketch import MinHashLSH
         self._lsh = MinHashLSH(threshold=min(threshold, 0.95), num_perm=num_perm)
         self._exact: dict[str, str] = {}
         self._hashes: dict[str, Sketch] = {}
@@ -405,7 +416,7 @@ class NearDuplicateIndex:
         for lo in range(0, len(texts), _BATCH_TEXTS):
             tokens = [words(t) for t in texts[lo : lo + _BATCH_TEXTS]]
             values = iter(minhash_values([t for t in tokens if t], self.num_perm, self.seed, self.shingle))
-            out += [Signature(_digest(t), Sketch(next(values)) if t else None) for t in tokens]
+            out += [Signature(words_digest(t), Sketch(next(values)) if t else None) for t in tokens]
         return out
 
     def signature(self, text: str | Signature) -> Signature:
@@ -448,34 +459,6 @@ class NearDuplicateIndex:
         self.insert(key, sig)
         return None
 
-    def duplicate_pairs(self, signatures: list[Signature]) -> list[tuple[int, int]]:
-        """Every pair (i, j), i < j, of `signatures` that this index calls duplicates, found at once (the
-        index's contents play no part): the same words, or a shared LSH band (this index's bands) with
-        estimated Jaccard at least `threshold`. The pairs `matches` would find one text at a time, with
-        each band grouped by numpy instead of one dictionary update per text and band."""
-        first_of: dict[str, int] = {}
-        pairs = {(j, i) for i, sig in enumerate(signatures) if (j := first_of.setdefault(sig.digest, i)) != i}
-        rows = np.array([i for i, sig in enumerate(signatures) if sig.minhash is not None], dtype=np.int64)
-        if len(rows) < 2:
-            return sorted(pairs)
-        values = [signatures[i].minhash.hashvalues for i in rows]  # type: ignore[union-attr]
-        candidates: set[tuple[int, int]] = set()
-        for start, end in self._lsh.hashranges:  # one band at a time: a copy of every sketch would be 50 MB at 100k
-            band = np.stack([v[start:end] for v in values]).view(np.dtype((np.void, 4 * (end - start)))).ravel()
-            _, group, counts = np.unique(band, return_inverse=True, return_counts=True)
-            shared = np.flatnonzero(counts[group] > 1)
-            order = shared[np.argsort(group[shared], kind="stable")]
-            bounds = np.flatnonzero(np.diff(group[order])) + 1
-            for members in map(np.ndarray.tolist, np.split(order, bounds)):
-                candidates.update((a, b) for k, a in enumerate(members) for b in members[k + 1 :])
-        if candidates:
-            left, right = np.array(sorted(candidates), dtype=np.int64).T
-            for lo in range(0, len(left), 16384):  # 16k pairs (16 MB of compared values) at a time
-                a, b = left[lo : lo + 16384], right[lo : lo + 16384]
-                keep = np.count_nonzero(np.stack([values[i] for i in a]) == np.stack([values[i] for i in b]), axis=1) / float(self.num_perm) >= self.threshold
-                pairs.update(zip(rows[a[keep]].tolist(), rows[b[keep]].tolist()))
-        return sorted(pairs)
-
     def check(self, key: str, text: str | Signature) -> Verdict:
         """`add` as a verdict; score = estimated Jaccard with the earlier item (None when unique)."""
         sig = self.signature(text)
@@ -494,6 +477,6 @@ class NearDuplicateIndex:
         )
 
 
-def _digest(tokens: list[str]) -> str:
-    """Hash of the normalized text: its lowercase words joined by single spaces."""
+def words_digest(tokens: list[str]) -> str:
+    """Hash of the normalized text (its lowercase words joined by single spaces): equal for exact duplicates."""
     return hashlib.sha256(" ".join(tokens).encode()).hexdigest()

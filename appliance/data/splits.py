@@ -6,9 +6,12 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from operator import attrgetter
 
-from .examples import Example, ExportError, dedup_text
-from .filters import NearDuplicateIndex, Signature
+import numpy as np
+
+from .examples import Example, ExportError
+from .sketches import ExampleSketches
 
 
 def parse_split_spec(spec: str) -> dict[str, float]:
@@ -41,8 +44,10 @@ def _check_ratios(ratios: dict[str, float]) -> None:
         raise ExportError(f"split ratios add up to {round(total, 6):g}, not 1")
 
 
-def _clusters(examples: list[Example], threshold: float) -> list[list[Example]]:
-    """Examples joined by shared group or near-duplicate text (union-find), each cluster in id order."""
+def _clusters(examples: list[Example], threshold: float, sketches: ExampleSketches | None = None) -> list[list[Example]]:
+    """Examples joined by shared group or near-duplicate text (union-find over the few joined pairs; an
+    example joined to none is a cluster of its own), each cluster in id order, clusters in order of their
+    first example. `sketches`: the examples' sketches when known (by id), else computed."""
     parent = list(range(len(examples)))
 
     def find(i: int) -> int:
@@ -56,14 +61,21 @@ def _clusters(examples: list[Example], threshold: float) -> list[list[Example]]:
 
     first_of_group: dict[str, int] = {}
     for i, ex in enumerate(examples):
-        if ex.group is not None:
-            union(i, first_of_group.setdefault(ex.group, i))
-    index = NearDuplicateIndex(threshold=threshold)
-    for i, j in index.duplicate_pairs(_signatures(index, examples)):
+        if ex.group is not None and (first := first_of_group.setdefault(ex.group, i)) != i:
+            union(i, first)
+    known, rows = _sketched(examples, sketches)
+    position = np.full(len(known), -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    left, right = (position[side] for side in known.near_pairs(threshold))
+    present = (left >= 0) & (right >= 0)
+    for i, j in zip(left[present].tolist(), right[present].tolist()):
         union(i, j)
+    wordless = np.flatnonzero(~known.sketches.has_words[rows]).tolist()  # exact duplicates of each other
+    for i in wordless[1:]:
+        union(wordless[0], i)
     members: dict[int, list[Example]] = defaultdict(list)
     for i, ex in enumerate(examples):
-        members[find(i)].append(ex)
+        members[find(i) if parent[i] != i else i].append(ex)
     return [members[root] for root in sorted(members)]
 
 
@@ -73,6 +85,7 @@ def split_examples(
     seed: int = 0,
     near_dup_threshold: float = 0.8,
     stratify: bool = True,
+    sketches: ExampleSketches | None = None,
 ) -> dict[str, list[Example]]:
     """Split examples by `ratios`, deterministically for a seed and whatever the input order.
 
@@ -82,14 +95,15 @@ def split_examples(
     counts under its most common label), with targets carried over so that both each label and the
     whole come within about one cluster of the ratios. Each split gets at least one cluster when there
     are as many clusters as splits. Each split's examples come out in a seeded random order.
+    `sketches`: the examples' MinHash sketches when known (stored ones, read by `export`); else computed.
     """
     _check_ratios(ratios)
-    ordered = sorted(examples, key=lambda ex: ex.id)
-    ids = Counter(ex.id for ex in ordered)
-    if ordered and ids.most_common(1)[0][1] > 1:
+    ordered = sorted(examples, key=attrgetter("id"))
+    if len({ex.id for ex in ordered}) != len(ordered):
+        ids = Counter(ex.id for ex in ordered)
         raise ExportError(f"example id {ids.most_common(1)[0][0]!r} appears more than once")
     rng = random.Random(seed)
-    clusters = _clusters(ordered, near_dup_threshold)
+    clusters = _clusters(ordered, near_dup_threshold, sketches)
     strata: dict[str, list[list[Example]]] = defaultdict(list)
     use_labels = stratify and any(ex.label is not None for ex in ordered)
     for cluster in clusters:
@@ -101,22 +115,38 @@ def split_examples(
     for key in sorted(strata):
         stratum = strata[key]
         rng.shuffle(stratum)
-        seen += sum(len(c) for c in stratum)
-        for cluster in stratum:
-            name = max(ratios, key=lambda s: (round(ratios[s] * seen - counts[s], 9), -counts[s]))
-            assigned[name].append(cluster)
-            counts[name] += len(cluster)
+        seen += sum(map(len, stratum))
+        _assign(stratum, [(name, ratio * seen) for name, ratio in ratios.items()], assigned, counts)
     _fill_empty(assigned)
     result = {}
     for name, parts in assigned.items():
-        split = sorted((ex for cluster in parts for ex in cluster), key=lambda ex: ex.id)
+        split = sorted((ex for cluster in parts for ex in cluster), key=attrgetter("id"))
         rng.shuffle(split)
         result[name] = split
     return result
 
 
+def _assign(clusters: list[list[Example]], targets: list[tuple[str, float]], assigned: dict[str, list[list[Example]]],
+            counts: dict[str, int]) -> None:
+    """Each cluster in turn to the split furthest below its target count (rounded to 9 decimals; ties: the
+    split with fewer examples, then the first named): `max` by (gap, -count), without a call per split."""
+    names, goal = [name for name, _ in targets], [target for _, target in targets]
+    have = [counts[name] for name in names]
+    for cluster in clusters:
+        best, best_gap, best_have = 0, round(goal[0] - have[0], 9), have[0]
+        for k in range(1, len(names)):
+            gap = round(goal[k] - have[k], 9)
+            if gap > best_gap or (gap == best_gap and have[k] < best_have):
+                best, best_gap, best_have = k, gap, have[k]
+        assigned[names[best]].append(cluster)
+        have[best] += len(cluster)
+    counts.update(zip(names, have))
+
+
 def _main_label(cluster: list[Example]) -> str:
     """The cluster's most common label (ties: the first in sort order); unlabelled sorts as ''."""
+    if len(cluster) == 1:
+        return cluster[0].label or ""
     tally = Counter(ex.label or "" for ex in cluster)
     return min(tally, key=lambda label: (-tally[label], label))
 
@@ -133,33 +163,29 @@ def _fill_empty(assigned: dict[str, list[list[Example]]]) -> None:
         parts.append(donor.pop(smallest))
 
 
-def cross_split_duplicates(splits: dict[str, list["Example"]], threshold: float = 0.8) -> tuple[int, int]:
+def cross_split_duplicates(splits: dict[str, list[Example]], threshold: float = 0.8,
+                           sketches: ExampleSketches | None = None) -> tuple[int, int]:
     """(examples with a near duplicate in another split, examples): measured on the text splits are
-    de-duplicated on, MinHash Jaccard at `threshold`."""
-    index = NearDuplicateIndex(threshold=threshold)
-    keyed = [(name, ex) for name, part in splits.items() for ex in part]
-    signatures = _signatures(index, [ex for _, ex in keyed])
-    crossing: set[int] = set()
-    for i, j in index.duplicate_pairs(signatures):
-        if keyed[i][0] != keyed[j][0]:
-            crossing.update((i, j) if signatures[j].minhash is not None else (j,))
-    return len(crossing), len(keyed)
+    de-duplicated on, MinHash Jaccard at `threshold` (`sketches`: the examples' sketches when known, by id).
+    Texts without words are exact duplicates of each other: each one after the first (in split order)
+    counts when it is in another split than the first."""
+    keyed = [ex for part in splits.values() for ex in part]
+    split_of = np.repeat(np.arange(len(splits)), [len(part) for part in splits.values()])
+    known, rows = _sketched(keyed, sketches)
+    split_of_row = np.full(len(known), -1, dtype=np.int64)
+    split_of_row[rows] = split_of
+    left, right = known.near_pairs(threshold)
+    a, b = split_of_row[left], split_of_row[right]
+    crossing = (a >= 0) & (b >= 0) & (a != b)
+    count = len(np.unique(np.concatenate([left[crossing], right[crossing]])))
+    wordless = np.flatnonzero(~known.sketches.has_words[rows])
+    if len(wordless):
+        count += int(np.count_nonzero(split_of[wordless[1:]] != split_of[wordless[0]]))
+    return count, len(keyed)
 
 
-# The signatures of the last examples split, by example object: `export` splits a run and then measures
-# its cross-split duplicates on the same Example objects, and each MinHash is computed once, not twice.
-# Keyed by identity (the entry keeps its example alive, so an id is never reused while cached) rather
-# than by text, which would hold a second copy of every text.
-_last_signatures: dict[tuple[int, int, int, int], tuple[Example, Signature]] = {}
-
-
-def _signatures(index: NearDuplicateIndex, examples: list[Example]) -> list[Signature]:
-    """Each example's signature for `index`, in bulk, reusing those of the previous call for the same
-    example objects (one call's worth is kept: about 1 KiB per example)."""
-    global _last_signatures
-    keys = [(index.num_perm, index.seed, index.shingle, id(ex)) for ex in examples]
-    known = {k: hit for k, ex in zip(keys, examples) if (hit := _last_signatures.get(k)) is not None and hit[0] is ex}
-    missing = [(k, ex) for k, ex in zip(keys, examples) if k not in known]
-    known.update((k, (ex, sig)) for (k, ex), sig in zip(missing, index.signatures([dedup_text(ex) for _, ex in missing])))
-    _last_signatures = known
-    return [known[k][1] for k in keys]
+def _sketched(examples: list[Example], known: ExampleSketches | None) -> tuple[ExampleSketches, np.ndarray]:
+    """The examples' sketches and each one's row in them: `known`'s rows by id, or computed in order."""
+    if known is not None:
+        return known, known.rows(examples)
+    return ExampleSketches(examples), np.arange(len(examples))

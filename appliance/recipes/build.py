@@ -12,13 +12,13 @@ from ..prompts.files import PromptFile
 from ..runs.items import Item, item_seeds
 from ..runs.style import PromptStyle
 from ..store import Store, insert_row, utcnow
-from .recipe import LoadedRecipe
+from .recipe import FROM_AXES, LoadedRecipe
 from .sources import chunk_text, read_sources
 
 PASSAGE_VAR = "passage"
 
 
-def _axis_combinations(axes: dict[str, list[Any]], count: int, seed: int) -> list[dict[str, Any]]:
+def axis_combinations(axes: dict[str, list[Any]], count: int, seed: int) -> list[dict[str, Any]]:
     """`count` assignments of the axes: every combination once (shuffled by the seed) before any repeats."""
     if not axes:
         return [{} for _ in range(count)]
@@ -66,8 +66,8 @@ def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str,
     """The run's items, fully determined by the recipe (and its sources): the same recipe gives the same
     items, which is what lets a run resume."""
     recipe = loaded.recipe
-    if recipe.kind == "synthetic":
-        assignments = _axis_combinations(recipe.axes, recipe.count or 0, recipe.seed)
+    if recipe.kind in FROM_AXES:
+        assignments = axis_combinations(recipe.axes, recipe.count or 0, recipe.seed)
         chunk_ids: list[int | None] = [None] * len(assignments)
     else:
         chosen = chunks[: recipe.count] if recipe.count else chunks
@@ -78,9 +78,3 @@ def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str,
         variables = {**prompt.values_for_item(recipe.vars, seed), **values}
         items.append(style.item(prompt, variables, index=index, seed=seed, chunk_id=chunk_id))
     return items
-
-
-def axis_combinations(axes: dict[str, list[Any]], count: int, seed: int) -> list[dict[str, Any]]:
-    """`count` assignments of the axes, as a synthetic recipe's items get them (conversation recipes vary
-    their personas and goals the same way)."""
-    return _axis_combinations(axes, count, seed)

@@ -114,6 +114,9 @@ def load_inputs(loaded: LoadedRecipe, prompt: PromptFile) -> PromptFile:
     where = f"recipe {loaded.path}"
     if recipe.schema_file:
         raise ConversationError(f"{where}: key 'schema': conversation turns are free text, not JSON")
+    if recipe.judge is not None:
+        raise ConversationError(f"{where}: key 'judge': the rubric judge does not score conversations yet (their turns are "
+                                "checked by the filters: echo, grounding, length)")
     if prompt.turns or prompt.header.system is not None:
         raise ConversationError(f"prompt {prompt.path}: the assistant's prompt of a conversation is its system message: write it "
                                 "as the body, without a system key or ### turns (the conversation gives the turns)")
@@ -320,8 +323,9 @@ def judge_conversations(recipe: Recipe, prompt: PromptFile, convs: list[Conversa
             cand = Candidate(g["id"], conv.index, messages[0]["content"], "", answers[-1] if answers else "", conv.chunk_id,
                              list(verdicts), messages=messages)
             cand.system = recipe.system if recipe.system is not None else assistant_system(prompt, conv)
-            if dedup is not None and cand.kept:
-                cand.verdicts.append(dedup.check(str(conv.index + 1), "\n".join(m["content"] for m in messages)))
+            if dedup is not None and cand.kept:  # over the whole conversation (its sketch is stored with the example)
+                cand.signature = dedup.signature("\n".join(m["content"] for m in messages))
+                cand.verdicts.append(dedup.check(str(conv.index + 1), cand.signature))
             out.append(cand)
     return out
 

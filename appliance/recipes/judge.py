@@ -15,8 +15,9 @@ from typing import Any
 
 import jinja2.sandbox
 
-from ..data.filters import (EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_json, check_length, check_not_empty,
+from ..data.filters import (EchoGuard, NearDuplicateIndex, Signature, Verdict, check_grounded, check_json, check_length, check_not_empty,
                             check_truncated, cue_verdict, echo_metrics)
+from ..data.sketches import add_minhashes
 from ..runs.summary import fidelity_labels
 from ..store import Store, insert_row, to_json, utcnow
 from . import fidelity
@@ -34,8 +35,12 @@ class Candidate:
     chunk_id: int | None
     verdicts: list[Verdict] = field(default_factory=list)
     echo: dict[str, Any] | None = None
-    replaced: bool = False  # no example of its own (an empty attempt generated again; a conversation's other turns): verdicts only
+    replaced: bool = False  # no example of its own (an empty attempt generated again, a preference response, a conversation's
+    # other turns): its verdicts are kept, it makes no example
     system: str | None = None  # the system text the model was given (chat mode), or the recipe's `system`
+    signature: Signature | None = None  # the duplicate filter's MinHash of its text: stored with the example when it fits
+    rejected: str | None = None  # a preference pair's worse response (`output` is the chosen one)
+    rejected_generation_id: int | None = None
     messages: list[dict[str, str]] | None = None  # a conversation's turns (`appliance.recipes.conversation`)
 
     @property
@@ -113,7 +118,8 @@ def judge(recipe: Recipe, gens: list[dict[str, Any]], chunks: dict[int, str], sc
         if recipe.kind == "augmented" and answer:
             cand.verdicts.append(check_grounded(answer, chunk or "", min_score=f.grounding_min_score))
         if dedup is not None and cand.kept:
-            cand.verdicts.append(dedup.check(str(item + 1), f"{cand.instruction}\n{cand.output}"))
+            cand.signature = dedup.signature(f"{cand.instruction}\n{cand.output}")
+            cand.verdicts.append(dedup.check(str(item + 1), cand.signature))
         cand.system = recipe.system if recipe.system is not None else system_message(g.get("messages_json"))
         out.append(cand)
     return out
@@ -133,19 +139,27 @@ def system_message(messages_json: str | None) -> str | None:
 
 
 def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[Candidate]) -> None:
-    """Replace the run's verdicts and examples in one transaction."""
+    """Replace the run's verdicts and examples in one transaction (each kept example with its MinHash)."""
     with store.transaction() as conn:
         conn.execute("DELETE FROM verdicts WHERE run_id = ?", [run_id])
         conn.execute("DELETE FROM examples WHERE run_id = ?", [run_id])
+        examples, signatures = [], []
         for c in candidates:
             for v in c.verdicts:
                 insert_row(conn, "verdicts", {"run_id": run_id, "generation_id": c.generation_id, "filter": v.filter,
-                                              "passed": int(v.passed), "score": v.score, "reason": v.reason})
+                                              "passed": int(v.passed), "score": v.score, "reason": v.reason,
+                                              "detail_json": to_json(v.detail) if v.detail is not None else None})
             if c.replaced:
                 continue
-            insert_row(conn, "examples", {
+            examples.append({
                 "run_id": run_id, "generation_id": c.generation_id, "chunk_id": c.chunk_id,
                 "instruction": c.instruction, "input": c.input, "output": c.output, "system": c.system,
                 "label": None, "group_key": f"chunk:{c.chunk_id}" if c.chunk_id else f"item:{c.item_index}",
-                "kept": int(c.kept), "created_at": utcnow(), "messages_json": to_json(c.messages) if c.messages else None,
+                "kept": int(c.kept), "created_at": utcnow(),
+                "rejected": c.rejected, "rejected_generation_id": c.rejected_generation_id,
+                "messages_json": to_json(c.messages) if c.messages else None,
             })
+            signatures.append(c.signature)
+        add_minhashes(examples, signatures)
+        for row in examples:
+            insert_row(conn, "examples", row)

@@ -1,6 +1,6 @@
 """Recipes: one TOML file that says what dataset to make, validated with pydantic.
 
-    kind = "annotated"                     # synthetic | annotated | augmented | conversation
+    kind = "annotated"                     # synthetic | annotated | augmented | preference | conversation
     name = "coriolanus-speeches"
     model = "gemma-3-270m-q4_k_m"          # a registered name or a path to a .gguf
     prompt = "../prompts/annotate-instruction.md"   # paths are relative to the recipe file
@@ -25,6 +25,10 @@ its `sources` are optional (without them its conversations come from the axes al
     [filters]
     min_words = 3
     echo_max_length_ratio = 1.0
+
+A synthetic recipe with `magpie = true` has no prompt file: an instruct model writes each request itself
+from its chat template's pre-query text, steered by `system` (a Jinja2 template over the axes), then
+answers it (`appliance.recipes.magpie`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ..errors import ApplianceError, validation_problem
 from ..runs.files import Sampling, read_toml_file
-from ..runs.items import MAX_TURNS, RecipeKind
+from ..runs.items import MAX_RESPONSES, MAX_TURNS, RecipeKind
+from ..runs.rubric import JudgeConfig
+
+
+FROM_AXES = ("synthetic", "preference")  # kinds whose items come from axis combinations (`count`), not from sources
 
 
 class RecipeError(ApplianceError):
@@ -82,7 +90,7 @@ class Recipe(_Strict):
     kind: RecipeKind
     name: str | None = None
     model: str
-    prompt: str
+    prompt: str | None = Field(None, description="the prompt file (every recipe but a magpie one needs it)")
     count: int | None = Field(None, gt=0, le=1_000_000)
     seed: int = Field(0, ge=0)
     system: str | None = Field(
@@ -104,6 +112,16 @@ class Recipe(_Strict):
     filters: Filters = Field(default_factory=Filters)
     schema_file: str | None = Field(None, alias="schema", description="JSON schema the outputs must follow")
     parallel: int | None = Field(None, gt=0)
+    # magpie (`appliance.recipes.magpie`)
+    magpie: bool = Field(False, description="synthetic: the model writes each request itself from its chat template's "
+                                            "pre-query text (the optional `system` steers it), then answers it")
+    # the rubric judge (any kind; `appliance.runs.rubric`) and preference pairs (`appliance.recipes.preference`)
+    judge: JudgeConfig | None = Field(None, description="a model scores each output on criteria; low means are dropped")
+    responses: int | None = Field(None, ge=2, le=MAX_RESPONSES, description="preference: responses per instruction (default 2)")
+    temperatures: list[float] | None = Field(
+        None, min_length=1, description="preference: response r's temperature, cycled over r (default: a spread around sampling.temperature)"
+    )
+    min_margin: float | None = Field(None, description="preference: the least score difference between chosen and rejected (default 1)")
     # conversation recipes (kind = "conversation"), appliance.recipes.conversation
     turns: int | None = Field(None, validate_default=True, description="conversation: user/assistant exchanges per conversation")
     user_prompt: str | None = Field(None, validate_default=True, description="conversation: prompt file of the user's side")
@@ -129,11 +147,15 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _by_kind(self) -> "Recipe":
-        if self.kind == "synthetic" and self.count is None:
-            raise ValueError("a synthetic recipe needs count")
+        if self.kind in FROM_AXES and self.count is None:
+            raise ValueError(f"a {self.kind} recipe needs count")
         if self.kind == "conversation" and not self.sources and self.count is None:
             raise ValueError("a conversation recipe without sources needs count (conversations made from the axes)")
-        if self.kind not in ("synthetic", "conversation") and not self.sources:
+        if self.magpie:
+            _check_magpie(self)
+        elif self.prompt is None:
+            raise ValueError("a recipe needs prompt (a prompt file)")
+        if self.kind not in (*FROM_AXES, "conversation") and not self.sources:
             raise ValueError(f"an {self.kind} recipe needs sources")
         given = [k for k in ("turns", "user_prompt", "on_bad_turn") if k in self.model_fields_set]
         if self.kind != "conversation" and given:
@@ -141,7 +163,44 @@ class Recipe(_Strict):
         for axis, values in self.axes.items():
             if not values:
                 raise ValueError(f"axis {axis!r} has no values")
+        return self._preference()
+
+    def _preference(self) -> "Recipe":
+        keys = [k for k in ("responses", "temperatures", "min_margin") if getattr(self, k) is not None]
+        if self.kind != "preference":
+            if keys:
+                raise ValueError(f"{', '.join(keys)}: only preference recipes have these keys")
+            return self
+        if self.judge is None:
+            raise ValueError("a preference recipe needs a [judge] table (it chooses between the responses)")
+        if any(t < 0 for t in self.temperatures or []):
+            raise ValueError("temperatures must be 0 or more")
+        span = self.judge.high - self.judge.low
+        if self.min_margin is not None and not 0 < self.min_margin <= span:
+            raise ValueError(f"min_margin {self.min_margin:g} is outside the judge's scale {self.judge.low}-{self.judge.high} "
+                             f"(a margin above 0 and at most {span})")
         return self
+
+    @property
+    def n_responses(self) -> int:
+        return self.responses or 2
+
+    @property
+    def margin(self) -> float:
+        return self.min_margin if self.min_margin is not None else 1.0
+
+
+def _check_magpie(recipe: Recipe) -> None:
+    """A magpie recipe writes its own requests: keys that feed a prompt file have nothing to act on."""
+    if recipe.kind != "synthetic":
+        raise ValueError(f"magpie is a synthetic recipe key, not for an {recipe.kind} recipe")
+    if recipe.mode == "completion":
+        raise ValueError("magpie needs chat mode (an instruct model's chat template writes the pre-query text), not completion")
+    unused = [key for key, given in (("prompt", recipe.prompt), ("instruction", recipe.instruction),
+                                     ("schema", recipe.schema_file), ("filters.fidelity", recipe.filters.fidelity)) if given]
+    if unused:
+        raise ValueError(f"a magpie recipe writes its own requests, so {', '.join(unused)} would be ignored: remove "
+                         f"{'it' if len(unused) == 1 else 'them'} (the axes steer it through `system`)")
 
 
 class LoadedRecipe(BaseModel):

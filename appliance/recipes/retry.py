@@ -67,7 +67,8 @@ def retry_items(gens: list[dict[str, Any]], items: list[Item], base_seed: int, a
             continue
         index = retry_index(it.index, attempt)
         out.append(Item(index=index, seed=item_seeds(base_seed, 1, start=index)[0], prompt=it.prompt,
-                        variables=it.variables, chunk_id=it.chunk_id, grammar=it.grammar))
+                        variables=it.variables, chunk_id=it.chunk_id, grammar=it.grammar, params=it.params,
+                        messages=it.messages, add_bos=it.add_bos))  # prompted exactly as the attempt it replaces
     return out
 
 

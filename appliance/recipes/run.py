@@ -22,19 +22,22 @@ from typing import Any
 from ..engine.llama import Vocab
 from ..errors import ApplianceError, ResumeError
 from ..events import RunEvents
-from ..models.registry import Registry
 from ..prompts.files import PromptFile, check_used, load_prompt, sampling_for
 from ..prompts.schema import load_json_schema
-from ..runs.items import FIDELITY_BASE, ITEM_LIMIT, RECIPE_KINDS, merge, pending
+from ..engine.types import SamplingParams
+from ..models.registry import ModelRecord, Registry
+from ..runs.items import FIDELITY_BASE, ITEM_LIMIT, JUDGE_BASE, RECIPE_KINDS, Execution, Item, merge, pending
+from ..runs.rubric import Judged, Rubric, estimated_workload, judge_verdicts, load_rubric, run_judge
 from ..runs.queries import find_resumable
-from ..runs.session import RunSession
+from ..runs.session import RunSession, Workload
 from ..runs.style import PromptStyle, style_for
 from ..runs.summary import RunSummary, summarize
 from ..store import Store
-from . import conversation, fidelity
+from . import conversation, fidelity, preference
 from .build import PASSAGE_VAR, build_items, ingest_chunks
 from .judge import judge, store_judgement
-from .recipe import LoadedRecipe, Recipe
+from .magpie import run_magpie
+from .recipe import FROM_AXES, LoadedRecipe, Recipe
 from .retry import attempt_of, attempts, cleaned, run_retries
 
 
@@ -77,13 +80,13 @@ def _finals(store: Store, run_id: int) -> list[tuple[int, int, str, dict[str, An
 def _checked_inputs(loaded: LoadedRecipe, prompt: PromptFile) -> list[fidelity.Check]:
     """Refuse a prompt that does not fit the recipe (before anything is loaded); the recipe's fidelity checks."""
     recipe = loaded.recipe
-    if recipe.kind != "synthetic" and PASSAGE_VAR not in prompt.variables:
+    if recipe.kind not in FROM_AXES and PASSAGE_VAR not in prompt.variables:
         raise ApplianceError(f"prompt {prompt.path} must use {{{{ {PASSAGE_VAR} }}}} for an {recipe.kind} recipe "
                              f"(its variables: {', '.join(prompt.variables) or 'none'})")
     check_used(prompt, recipe.axes, f"recipe {loaded.path}: axis")
     check_used(prompt, recipe.vars, f"recipe {loaded.path}: [vars]")
     checks = fidelity.load_checks(loaded)
-    given = set(recipe.vars) | set(recipe.axes) | set(prompt.header.vars) | ({PASSAGE_VAR} if recipe.kind != "synthetic" else set())
+    given = set(recipe.vars) | set(recipe.axes) | set(prompt.header.vars) | ({PASSAGE_VAR} if recipe.kind not in FROM_AXES else set())
     missing = [v for v in prompt.variables if v not in given]
     if missing:
         raise ApplianceError(f"prompt {prompt.path} uses {', '.join(repr(m) for m in missing)}, which recipe {loaded.path} does not give (add to [vars] or [axes])")
@@ -91,8 +94,9 @@ def _checked_inputs(loaded: LoadedRecipe, prompt: PromptFile) -> list[fidelity.C
 
 
 def _read_chunks(store: Store, loaded: LoadedRecipe, model_path: str, events: RunEvents) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """A recipe's chunks (cut in the model's tokens) and the sources it skipped; nothing without sources (synthetic)."""
-    if not loaded.recipe.sources:
+    """A recipe's chunks (cut in the model's tokens) and the sources it skipped; nothing for synthetic and preference
+    recipes, or a conversation recipe without sources."""
+    if loaded.recipe.kind in FROM_AXES or not loaded.recipe.sources:
         return [], []
     with Vocab(model_path) as vocab:
         chunks, skipped = ingest_chunks(store, loaded, vocab)
@@ -116,8 +120,12 @@ def run_recipe(
     events: RunEvents | None = None,
     cluster: Any = None,
 ) -> RunSummary:
+    if loaded.recipe.magpie:  # no prompt file: the model writes its own requests (recipes/magpie.py)
+        return run_magpie(store, registry, loaded, resume=resume, new_run=new_run, n_parallel=n_parallel, mode=mode,
+                          chat_template=chat_template, events=events, cluster=cluster, name=_run_name(loaded))
     events = events or RunEvents()
     recipe = loaded.recipe
+    assert recipe.prompt is not None  # the recipe validator requires it for every recipe but a magpie one
     prompt = load_prompt(loaded.resolve(recipe.prompt))
     user_prompt = conversation.load_inputs(loaded, prompt) if recipe.kind == "conversation" else None
     checks = _checked_inputs(loaded, prompt) if user_prompt is None else []
@@ -143,10 +151,13 @@ def run_recipe(
     if len(items) >= ITEM_LIMIT:
         raise ApplianceError(f"recipe {loaded.path} makes {len(items)} items; at most {ITEM_LIMIT - 1} fit one run")
 
+    rubric = load_rubric(recipe.judge, loaded.resolve, registry, record, where=f"recipe {loaded.path}",
+                         chat_template=chat_template or recipe.chat_template) if recipe.judge else None
     resumed = run_id is not None
     with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel, cluster=cluster) as session:
-        todo = pending(store, run_id, items)
-        session.prepare([([it.prompt for it in todo or items], params)])
+        work = preference.response_items(recipe, items, params) if recipe.kind == "preference" else items
+        todo = pending(store, run_id, work)
+        session.prepare([([it.prompt for it in todo or work], params), *_judge_workload(rubric, record, len(items), params)])
         prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
         if run_id is None:
             run_id = session.begin(
@@ -161,13 +172,13 @@ def run_recipe(
         else:
             session.attach(run_id)
         grammar = schema[1] if schema else None
-        execution = session.generate(items, params, prompt_id=prompt_id, grammar=grammar)
-        retries = run_retries(session, prompt_id, items, params, recipe.seed, grammar=grammar)
-        checked = fidelity.run_checks(session, checks, _finals(store, run_id), recipe.seed) if checks else None
-        for message in fidelity.uninformative(store, run_id) if checked else []:
-            session.event("warning", message)
-        execution = merge([execution, *retries, *([checked] if checked else [])])
-        _judge_run(store, run_id, recipe, chunks, schema)
+        if recipe.kind == "preference":
+            assert rubric is not None  # the recipe's validation requires a judge
+            execution = preference.run_pairs(session, recipe, rubric, items, params, prompt_id=prompt_id, grammar=grammar,
+                                             schema=schema[0] if schema else None)
+        else:
+            execution = _generate_and_check(session, checks, items, params, recipe.seed, prompt_id=prompt_id, grammar=grammar)
+            execution = merge([e for e in (execution, _judge_run(session, recipe, chunks, schema, rubric)) if e is not None])
         session.complete()
         loads = session.loads
     summary = summarize(store, run_id)
@@ -181,7 +192,44 @@ def run_recipe(
 JUDGED_COLUMNS = "id, item_index, output, rendered_prompt, chunk_id, variables_json, finish_reason, messages_json"
 
 
-def _judge_run(store: Store, run_id: int, recipe: Recipe, chunks: list[dict[str, Any]], schema: tuple[dict, Any] | None) -> None:
+def _generate_and_check(session: RunSession, checks: list[fidelity.Check], items: list[Item], params: SamplingParams, seed: int, *,
+                        prompt_id: int, grammar: Any) -> Execution | None:
+    """The main stage (the items not stored yet), its retries of empty outputs, then the fidelity checks."""
+    store, run_id = session.store, session.run_id
+    execution = session.generate(items, params, prompt_id=prompt_id, grammar=grammar)
+    retries = run_retries(session, prompt_id, items, params, seed, grammar=grammar)
+    checked = fidelity.run_checks(session, checks, _finals(store, run_id), seed) if checks else None
+    for message in fidelity.uninformative(store, run_id) if checked else []:
+        session.event("warning", message)
+    return merge([execution, *retries, *([checked] if checked else [])])
+
+
+def _judge_workload(rubric: Rubric | None, record: ModelRecord, n_items: int, params: SamplingParams) -> list[Workload]:
+    """What the judge will ask the run's own model (planned with the main stage, so judging needs no reload):
+    its prompts around outputs of the longest length allowed; nothing for a judge on another model."""
+    if rubric is None or rubric.record.path != record.path:
+        return []
+    return [estimated_workload(rubric, min(n_items, 64), params.max_tokens)]
+
+
+def _judge_run(session: RunSession, recipe: Recipe, chunks: list[dict[str, Any]], schema: tuple[dict, Any] | None,
+               rubric: Rubric | None) -> Execution | None:
+    """The mechanical filters; then the judge scores the outputs that passed them (those not scored yet), and
+    its verdicts join theirs; all stored in one transaction."""
+    store, run_id = session.store, session.run_id
     gens = store.rows(f"SELECT {JUDGED_COLUMNS} FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
     chunk_text_by_id = {c["id"]: c["text"] for c in chunks}
-    store_judgement(store, run_id, recipe, judge(recipe, gens, chunk_text_by_id, schema[0] if schema else None))
+    candidates = judge(recipe, gens, chunk_text_by_id, schema[0] if schema else None)
+    scored = None
+    if rubric is not None:
+        index_of = {g["id"]: g["item_index"] for g in gens}
+        todo = [Judged(c.generation_id, index_of[c.generation_id], c.instruction, c.output, c.input)
+                for c in candidates if c.kept and not c.replaced]
+        scored = run_judge(session, rubric, todo, recipe.seed)
+        verdicts = judge_verdicts(rubric.config, store.rows(
+            f"SELECT {JUDGED_COLUMNS} FROM generations WHERE run_id = ? AND item_index >= ?", [run_id, JUDGE_BASE]))
+        for c in candidates:
+            if not c.replaced and c.generation_id in verdicts:
+                c.verdicts.append(verdicts[c.generation_id])
+    store_judgement(store, run_id, recipe, candidates)
+    return scored

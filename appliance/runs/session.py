@@ -16,13 +16,16 @@ reason; Ctrl-C becomes `RunInterrupted` with the command that continues the run)
 The session's workers generate: a `worker.ModelWorker` in this process, or (`run --ray`) one per Ray
 actor (`cluster.RayWorkers`). Either loads the model once, on the first `generate`, and reuses it for
 every later stage; a stage that could not fit one sequence in the loaded context reloads it (each load
-is recorded in the run's events with its time and where it ran). Rows are written here, by this
-process's one writer, whatever generated them.
+is recorded in the run's events with its time and where it ran). A later stage may need another model
+(a rubric judge that is not the run's model): `use_model` releases the loaded one and plans the other,
+which loads on the next `generate` (the switch and the load are run events; `loads` counts both).
+Rows are written here, by this process's one writer, whatever generated them.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -65,20 +68,37 @@ class RunSession:
     ) -> None:
         self.store, self.record = store, record
         self.events = events or RunEvents()
-        limits = Limits(n_parallel=n_parallel, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
-        self.workers: Workers = cluster.workers(record, limits) if cluster is not None else ModelWorker(record.path, record.info, limits)
+        self._limits, self._cluster = Limits(n_parallel=n_parallel, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers), cluster
+        self.workers: Workers = self._workers_for(record)
+        self._earlier_loads, self._earlier_load_seconds = 0, 0.0  # of the models this session used before (`use_model`)
         self.run_id: int | None = None
         self.plan: Plan | None = None
         self.prefix_tokens = 0
         self._completed = False
 
+    def _workers_for(self, record: ModelRecord) -> Workers:
+        if self._cluster is not None:
+            return self._cluster.workers(record, self._limits)
+        return ModelWorker(record.path, record.info, self._limits)
+
     @property
     def loads(self) -> int:
-        return self.workers.loads
+        return self._earlier_loads + self.workers.loads
 
     @property
     def load_seconds(self) -> float:
-        return self.workers.load_seconds
+        return self._earlier_load_seconds + self.workers.load_seconds
+
+    def use_model(self, record: ModelRecord, workloads: Sequence[Workload]) -> Plan:
+        """Generate the next stages with another model (a judge that is not the run's model): the current
+        one is released, the new one planned for `workloads` and loaded on the next `generate`; the switch
+        and the load are recorded in the run's events."""
+        self._earlier_loads, self._earlier_load_seconds = self.loads, self.load_seconds
+        self.workers.close()
+        previous, self.record = self.record.name, record
+        self.workers, self.plan = self._workers_for(record), None
+        self.event("info", f"switching model: {previous} -> {record.name}")
+        return self.prepare(workloads)
 
     # -- planning -----------------------------------------------------------------------------
     def prepare(self, workloads: Sequence[Workload]) -> Plan:
@@ -166,7 +186,7 @@ class RunSession:
         if kind == "tokens":
             self.events.tokens(payload)
         elif kind == "loaded":
-            self.event("info", payload.message(self.record.name))
+            self.event("info", replace(payload, loads=self.loads).message(self.record.name))
             self.events.loaded(payload.seconds)
         elif kind == "warning":
             self.event("warning", payload)

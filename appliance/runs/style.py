@@ -9,6 +9,7 @@ already wrote one).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,41 @@ from ..errors import ChatTemplateError, ResumeError
 from ..models.registry import ModelRecord
 from ..prompts.files import PromptFile
 from .items import Item
+
+
+# Stands where a user's message content would be, to find where a template writes it (Magpie's pre-query text).
+QUERY_SENTINEL = "APPLIANCE7f3aUSERQUERY"
+_MARKER = re.compile(r"<[^<>\s]{1,48}>")  # a template's special-token text: <|im_end|>, <end_of_turn>, </s>
+
+
+@dataclass(frozen=True)
+class PreQuery:
+    """What a chat template writes before a user message's content (Magpie feeds a model only this, and the
+    model writes the user's request itself), and what it writes after it."""
+
+    text: str  # the pre-query text: everything up to where the user's content starts
+    add_bos: bool  # whether the tokenizer should still add a BOS (not when `text` starts with it)
+    markers: tuple[str, ...]  # the template's markers after the user content (end of turn, assistant header)
+    assistant_header: str  # the generation prompt without its markers ("assistant" in ChatML), or ""
+    system_merged: bool = False  # the template has no system role: the system text opens the user turn
+
+    def request(self, output: str) -> str:
+        """A generated request cut at the first marker the model wrote out as text, and at a line that is the
+        assistant's header (a control token the model sampled renders as nothing, leaving only its role)."""
+        cut = min((at for at in (output.find(m) for m in self.markers) if at >= 0), default=len(output))
+        lines = output[:cut].split("\n")
+        if self.assistant_header:
+            for n, line in enumerate(lines):
+                if line.strip().lower() == self.assistant_header.lower():
+                    lines = lines[:n]
+                    break
+        return "\n".join(lines).strip()
+
+    def opens_answer(self, output: str) -> bool:
+        """Whether a generated request begins with the assistant's turn: the model answered instead of asking."""
+        text = output.lstrip()
+        first = text.split("\n", 1)[0].strip().lower()
+        return any(text.startswith(m) for m in self.markers) or bool(self.assistant_header) and first == self.assistant_header.lower()
 
 
 @dataclass
@@ -36,6 +72,28 @@ class PromptStyle:
         text = self.template.render(messages, add_generation_prompt=True)
         bos = self.template.bos_token
         return text, not (bos and text.startswith(bos))
+
+    def pre_query(self, system: str | None = None) -> PreQuery:
+        """The template's text before a user message's content, with `system` as the system message (None: the
+        template's own default, if it has one). Refused when the template does not write the user's content
+        verbatim (it changes it), since the cut would then be a guess."""
+        if self.template is None:
+            raise ChatTemplateError(f"{self.model_name} has no chat template, so it has no pre-query text", "config")
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": QUERY_SENTINEL}]
+        rendered = self.template.render_chat(messages, add_generation_prompt=True)
+        closed = self.template.render_chat(messages, add_generation_prompt=False).text
+        text = rendered.text
+        if text.count(QUERY_SENTINEL) != 1 or closed.count(QUERY_SENTINEL) != 1:
+            raise ChatTemplateError(
+                f"chat template of {self.model_name} ({self.template.where}) does not write a user message's content "
+                "verbatim, so its pre-query text cannot be cut out of it", "config")
+        at = text.index(QUERY_SENTINEL)
+        before, after = text[:at], text[at + len(QUERY_SENTINEL):]
+        generation_prompt = text[len(closed):] if text.startswith(closed) else ""
+        markers = tuple(dict.fromkeys(_MARKER.findall(after))) or ((after.strip(),) if after.strip() else ())
+        bos = self.template.bos_token
+        return PreQuery(text=before, add_bos=not (bos and before.startswith(bos)), markers=markers,
+                        assistant_header=_MARKER.sub("", generation_prompt).strip(), system_merged=rendered.system_merged)
 
     def item(self, prompt: PromptFile, values: dict[str, Any], **fields: Any) -> Item:
         """An item from a prompt file and its variables."""

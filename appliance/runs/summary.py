@@ -14,6 +14,8 @@ from ..store import Store, command_prefix
 from .items import FIDELITY_BASE, ITEM_LIMIT, MAX_TURNS, RECIPE_KINDS, Execution
 from .queries import first_failures
 
+RETRYING_KINDS = ("synthetic", "annotated", "augmented")  # the others use the item indices of retries for their own items
+
 
 @dataclass
 class RunSummary:
@@ -35,6 +37,7 @@ class RunSummary:
     retried: int = 0  # empty outputs generated again with a new seed
     fidelity: dict[str, tuple[int, int]] = field(default_factory=dict)  # axis -> (labelled as asked, checked)
     advice: list[str] = field(default_factory=list)  # what to change when a filter dropped outputs for a reason the user set
+    judge: JudgeStats | None = None  # the rubric judge's scores, for runs with a [judge]
     turns: dict[int, int] = field(default_factory=dict)  # conversation runs: kept conversations per number of turns
 
     def why_nothing(self) -> str:
@@ -56,7 +59,7 @@ def summarize(store: Store, run_id: int) -> RunSummary:
     generated = store.rows("SELECT count(*) n FROM generations WHERE run_id = ?" + (" AND item_index < ?" if recipe_run else ""),
                            [run_id] + ([ITEM_LIMIT] if recipe_run else []))[0]["n"]  # the items, not their retries or checks
     retried = store.rows("SELECT count(*) n FROM generations WHERE run_id = ? AND item_index >= ? AND item_index < ?",
-                         [run_id, ITEM_LIMIT, FIDELITY_BASE])[0]["n"] if recipe_run and not conversation else 0
+                         [run_id, ITEM_LIMIT, FIDELITY_BASE])[0]["n"] if run["kind"] in RETRYING_KINDS else 0
     kept = store.rows("SELECT count(*) n FROM examples WHERE run_id = ? AND kept = 1", [run_id])[0]["n"]
     dropped, reasons = first_failures(store, run_id)
     echo = None
@@ -69,7 +72,50 @@ def summarize(store: Store, run_id: int) -> RunSummary:
     return RunSummary(run_id, run["kind"], run["status"], run["requested"], generated, kept, dropped, reasons, echo,
                       [(p.removeprefix("skipped source "), r) for p, r in skipped], retried=retried,
                       fidelity=fidelity_rates(store, run_id) if recipe_run and not conversation else {},
-                      advice=truncation_advice(store, run) if dropped.get("truncated") else [], table_lines=lines, turns=turns)
+                      advice=truncation_advice(store, run) if dropped.get("truncated") else [],
+                      judge=judge_stats(store, run_id), table_lines=lines, turns=turns)
+
+
+@dataclass
+class JudgeStats:
+    """The rubric judge's scores of a run: how many outputs it scored, how many reached the threshold, and
+    per criterion how many outputs got each score (every score of the scale, 0 where none)."""
+
+    scored: int
+    passed: int
+    counts: dict[str, dict[int, int]]  # criterion -> score -> outputs
+    threshold: float | None = None
+
+    def mean(self, criterion: str) -> float:
+        c = self.counts[criterion]
+        n = sum(c.values())
+        return sum(score * k for score, k in c.items()) / n if n else 0.0
+
+    def line(self) -> str:
+        means = ", ".join(f"{name} {self.mean(name):.2f}" for name in self.counts)
+        at = f" >= {self.threshold:g}" if self.threshold is not None else ""
+        return f"judge: {self.scored} scored, {self.passed} with a mean{at}; mean per criterion: {means}"
+
+
+def judge_stats(store: Store, run_id: int) -> JudgeStats | None:
+    """The judge's score distribution (None for a run with no judge verdicts). The scale and threshold come
+    from the run's `[judge]` table (a recipe's or a task spec's)."""
+    rows = store.rows("SELECT passed, detail_json FROM verdicts WHERE run_id = ? AND filter = 'judge'", [run_id])
+    if not rows:
+        return None
+    config = json.loads(store.rows("SELECT config_json FROM runs WHERE id = ?", [run_id])[0]["config_json"] or "{}")
+    table = (config.get("recipe") or config.get("spec") or {}).get("judge") or {}
+    low, high = (table.get("scale") or [1, 5])
+    details = [json.loads(r["detail_json"]) for r in rows if r["detail_json"]]
+    names = [c["name"] for c in table.get("criteria", [])] or sorted({k for d in details for k in d})
+    counts = {name: {score: 0 for score in range(low, high + 1)} for name in names}
+    for d in details:
+        for name, score in d.items():
+            counts.setdefault(name, {})
+            counts[name][score] = counts[name].get(score, 0) + 1
+    threshold = table.get("threshold")
+    return JudgeStats(len(details), sum(r["passed"] for r in rows if r["detail_json"]), counts,
+                      threshold if threshold is not None else (low + high) / 2)
 
 
 def conversation_counts(store: Store, run: dict[str, Any]) -> tuple[dict[int, int], list[str]]:
@@ -95,10 +141,13 @@ def truncation_advice(store: Store, run: dict[str, Any]) -> list[str]:
     """The fix for outputs dropped as cut off at the token limit: the limit the run used and the lengths seen."""
     params = json.loads(run["params_json"] or "{}")
     limit = params.get("max_tokens")
-    if isinstance(params.get("user"), dict):  # a conversation: each side has its own limit
-        limit = f"{limit} (answers), {params['user'].get('max_tokens')} (user messages)"
-    bound = 2 * MAX_TURNS * ITEM_LIMIT if run["kind"] == "conversation" else ITEM_LIMIT  # every turn of a conversation
-    rows = store.rows("SELECT finish_reason, tokens_out FROM generations WHERE run_id = ? AND item_index < ?", [run["id"], bound])
+    if run["kind"] == "conversation":  # every turn of every conversation; each side has its own limit
+        limit = f"{limit} (answers), {(params.get('user') or {}).get('max_tokens')} (user messages)"
+        rows = store.rows("SELECT finish_reason, tokens_out FROM generations WHERE run_id = ? AND item_index < ?",
+                          [run["id"], 2 * MAX_TURNS * ITEM_LIMIT])
+    else:  # the generations examples are made of (a magpie run's answers sit above ITEM_LIMIT, after their requests)
+        rows = store.rows("SELECT g.finish_reason, g.tokens_out FROM examples e JOIN generations g ON g.id = e.generation_id "
+                          "WHERE e.run_id = ?", [run["id"]])
     cut = sum(r["finish_reason"] == "length" for r in rows)
     ended = sorted(r["tokens_out"] for r in rows if r["finish_reason"] != "length")
     seen = (f"the {len(ended)} that ended on their own used {ended[0]}-{ended[-1]} tokens (median {ended[len(ended) // 2]})"

@@ -7,6 +7,7 @@ Everything the appliance makes is written here as soon as it exists. Users read 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -14,13 +15,14 @@ import sqlite3
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
 from .migrations import MIGRATIONS
 from .provenance import run_fields
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 DEFAULT_DB_NAME = "appliance.db"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -116,7 +118,6 @@ class Store:
             _create_private(self.path)
         try:
             self.conn = connect(self.path, readonly)
-            self.db = sqlite_utils.Database(self.conn)
             if readonly:
                 self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             else:
@@ -125,6 +126,14 @@ class Store:
             raise StoreError(describe_sqlite_error(self.path, exc)) from None
 
     # -- schema ------------------------------------------------------------------------------
+    @functools.cached_property
+    def db(self) -> sqlite_utils.Database:
+        """sqlite-utils' view of the connection, which migrations use; made on first use, since importing
+        sqlite-utils imports pandas when that is installed (the test extra installs it): a quarter of a second for every command."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
+
     def _migrate(self) -> None:
         self.conn.execute(
             "CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"

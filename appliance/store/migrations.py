@@ -6,8 +6,10 @@ Users query these tables with sqlite-utils and Datasette, so tables and columns 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import sqlite_utils
+if TYPE_CHECKING:  # the migrations get it from Store.db, which imports it only when one is pending
+    import sqlite_utils
 
 
 def _m001_core(db: sqlite_utils.Database) -> None:
@@ -253,6 +255,15 @@ def _m007_turns_and_pairs(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE verdicts ADD COLUMN detail_json TEXT")    # the rubric judge: its score per criterion
 
 
+def _m008_minhash(db: sqlite_utils.Database) -> None:
+    # Each kept example's MinHash, computed once when it is written, so `export` reads 100k of them instead of
+    # hashing every word 3-gram again (issue 22): 128 little-endian uint32 values (numpy dtype '<u4', 512 bytes)
+    # of datasketch's MinHash(num_perm=128, seed=1) (affine32 permutations drawn by RandomState(1)) over the
+    # word 3-shingles of the example's near-duplicate text (appliance.data.sketches); b'' for a text without
+    # words; NULL when not computed (dropped examples, rows written before this migration): export computes it.
+    db.execute("ALTER TABLE examples ADD COLUMN minhash BLOB")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
     (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
@@ -261,4 +272,5 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (5, "provenance per run: appliance and llama.cpp versions, model file, quantization, parameters, prompt hash", _m005_provenance),
     (6, "an index of each run's generations newest first (logs --run)", _m006_newest_first),
     (7, "conversations and preference pairs: example turns, rejected response, judge scores per criterion", _m007_turns_and_pairs),
+    (8, "each kept example's MinHash, stored when it is written (export reads it)", _m008_minhash),
 ]

@@ -25,15 +25,17 @@ from ..engine.types import SamplingParams
 from ..errors import ApplianceError
 from ..events import RunEvents
 from ..data.examples import Example
+from ..data.sketches import ExampleSketches
 from ..data.splits import parse_split_spec, split_examples
 from ..runs.queries import find_resumable
 from ..runs.summary import RunSummary, summarize
 from ..models.registry import Registry
 from ..runs.style import PromptStyle, style_for
 from ..data.filters import NearDuplicateIndex, Verdict
-from ..runs.items import Item, item_seeds, merge
+from ..runs.items import JUDGE_BASE, Item, item_seeds, merge
+from ..runs.rubric import Judged, Rubric, judge_verdicts, load_rubric, run_judge
 from ..runs.session import RunSession, Workload
-from ..store import Store, insert_row, utcnow
+from ..store import Store, insert_row, to_json, utcnow
 from .prompts import (
     INPUT_STOP,
     copied_scaffold,
@@ -195,6 +197,8 @@ def run_task_spec(
         summary.already_complete, summary.table_lines = True, _counts_table(store, run_id, goals)
         return summary
 
+    rubric = load_rubric(spec.judge, loaded.resolve, registry, record, where=f"task spec {loaded.path}",
+                         chat_template=chat_template or spec.chat_template) if spec.judge else None
     answers: list[Answer] = []
     executions = []
     with RunSession(store, record, events=events, n_parallel=n_parallel, cluster=cluster) as session:
@@ -224,7 +228,8 @@ def run_task_spec(
         if session.run_id is None:
             raise ApplianceError("the task spec produced no items")
         run_id = session.run_id
-        _judge_and_store(store, run_id, loaded, answers, goals, ratios)
+        scores = _rubric_scores(session, loaded, rubric, answers, executions) if rubric else {}
+        _judge_and_store(store, run_id, loaded, answers, goals, ratios, scores)
         for message in _shortfalls(store, run_id, spec, goals):
             session.event("warning", message)
         session.complete()
@@ -314,7 +319,7 @@ def _kept_counts(answers: list[Answer], spec) -> Counter:
     counts: Counter = Counter()
     for a in answers:
         task = spec.task(a.task)
-        if a.majority is not None and a.agreement >= spec.self_consistency.min_agreement and a.intended in (None, a.majority):
+        if _agreed(a, spec):
             counts[(a.task, a.majority if task.kind == "classify" else None)] += 1
     return counts
 
@@ -322,8 +327,30 @@ def _kept_counts(answers: list[Answer], spec) -> Counter:
 # ------------------------------------------------------------------------------------------- judging
 
 
+def _agreed(a: Answer, spec: Any) -> bool:
+    """An answer the teacher agreed on, as it was asked for (what the rubric judge scores)."""
+    return a.majority is not None and a.agreement >= spec.self_consistency.min_agreement and a.intended in (None, a.majority)
+
+
+def _rubric_scores(session: RunSession, loaded: LoadedTaskSpec, rubric: Rubric, answers: list[Answer],
+                   executions: list[Any]) -> dict[int, Verdict]:
+    """The `[judge]` scores of the agreed answers (those not scored yet are scored now, after every round), by
+    the answer's first output generation. Judge drops are not refilled by another round."""
+    store, run_id = session.store, session.run_id
+    gens = {r["id"]: r["item_index"] for r in store.rows("SELECT id, item_index FROM generations WHERE run_id = ? AND item_index < ?",
+                                                         [run_id, JUDGE_BASE])}
+    judged = [Judged(a.generation_ids[0], gens[a.generation_ids[0]], loaded.spec.task(a.task).system, a.majority or "", a.input)
+              for a in sorted(answers, key=lambda a: a.input_index) if a.generation_ids and _agreed(a, loaded.spec)]
+    scored = run_judge(session, rubric, judged, loaded.spec.seed)
+    if scored is not None:
+        executions.append(scored)
+    return judge_verdicts(rubric.config, store.rows(
+        "SELECT item_index, output, finish_reason, variables_json FROM generations WHERE run_id = ? AND item_index >= ?",
+        [run_id, JUDGE_BASE]))
+
+
 def _judge_and_store(store: Store, run_id: int, loaded: LoadedTaskSpec, answers: list[Answer],
-                     goals: dict[tuple[str, str | None], int], ratios: dict[str, float]) -> None:
+                     goals: dict[tuple[str, str | None], int], ratios: dict[str, float], scores: dict[int, Verdict]) -> None:
     spec = loaded.spec
     taken: Counter = Counter()
     ranked = sorted(answers, key=lambda a: (-a.agreement, a.input_index))  # most confident first when capping
@@ -341,6 +368,9 @@ def _judge_and_store(store: Store, run_id: int, loaded: LoadedTaskSpec, answers:
                 ok = a.majority == a.intended
                 a.verdicts.append(Verdict(filter="intent", passed=ok, reason=(
                     f"written as {a.intended}, labelled {a.majority}" if not ok else f"written and labelled as {a.intended}")))
+            if ok and a.generation_ids and a.generation_ids[0] in scores:  # before balance: a dropped answer takes no place
+                a.verdicts.append(scores[a.generation_ids[0]])
+                ok = scores[a.generation_ids[0]].passed
             if ok:
                 key = (task.name, a.majority if task.kind == "classify" else None)
                 if taken[key] >= goals.get(key, 0):
@@ -352,8 +382,9 @@ def _judge_and_store(store: Store, run_id: int, loaded: LoadedTaskSpec, answers:
                         group=f"{a.task}:{a.input_index}", label=f"{a.task}:{a.majority}" if spec.task(a.task).kind == "classify" else a.task)
                 for a in kept]
     split_of: dict[str, str] = {}
+    sketches = ExampleSketches(examples)  # each kept example's MinHash: split on, and stored for export
     if examples:
-        for name, part in split_examples(examples, ratios, seed=spec.seed).items():
+        for name, part in split_examples(examples, ratios, seed=spec.seed, sketches=sketches).items():
             split_of.update({ex.id: name for ex in part})
     with store.transaction() as conn:
         conn.execute("DELETE FROM verdicts WHERE run_id = ?", [run_id])
@@ -362,7 +393,8 @@ def _judge_and_store(store: Store, run_id: int, loaded: LoadedTaskSpec, answers:
             gen_id = a.generation_ids[0] if a.generation_ids else _input_generation(conn, run_id, a.input_index)
             for v in a.verdicts:
                 insert_row(conn, "verdicts", {"run_id": run_id, "generation_id": gen_id, "filter": v.filter,
-                                              "passed": int(v.passed), "score": v.score, "reason": v.reason})
+                                              "passed": int(v.passed), "score": v.score, "reason": v.reason,
+                                              "detail_json": to_json(v.detail) if v.detail is not None else None})
             task = spec.task(a.task)
             keep = a.majority is not None and all(v.passed for v in a.verdicts)
             insert_row(conn, "examples", {
@@ -371,6 +403,7 @@ def _judge_and_store(store: Store, run_id: int, loaded: LoadedTaskSpec, answers:
                 "label": a.majority if task.kind == "classify" else None, "confidence": a.agreement,
                 "group_key": f"{task.name}:{a.input_index}", "kept": int(keep),
                 "split": split_of.get(str(a.input_index)) if keep else None, "created_at": utcnow(),
+                "minhash": sketches.blob(str(a.input_index)) if keep else None,
             })
 
 

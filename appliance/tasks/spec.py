@@ -52,6 +52,7 @@ from ..data.splits import parse_split_spec
 from ..errors import ApplianceError, PromptError
 from ..prompts.files import PromptFile, load_prompt
 from ..runs.files import Sampling, read_toml_file
+from ..runs.rubric import JudgeConfig
 from .kinds import INPUT_PROMPT_VARIABLES, KINDS, MAX_COUNT, ClassifyTask, Problem, Strict, Task, check_line, shorten
 
 class TaskSpecError(ApplianceError):
@@ -96,6 +97,7 @@ class TaskSpec(Strict):
         "auto", description="how the teacher is prompted: auto uses chat when the model has a chat template"
     )
     chat_template: str | None = Field(None, description="a built-in template name or a file, for GGUFs without one")
+    judge: JudgeConfig | None = Field(None, description="a model scores each agreed answer on criteria; low means are dropped")
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:

@@ -326,6 +326,31 @@ def plot_grounding(scores: list[float], minimum: float) -> Drawn:
 
 
 @styled
+def plot_judge(counts: dict[str, dict[int, tuple[int, int]]], threshold: float) -> Drawn:
+    """One bar chart per criterion, stacked: outputs per score, split by whether the output's mean score
+    reached the threshold (kept by the judge) or not."""
+    names = list(counts)
+    fig, axes = _figure(1.2 + 2.0 * len(names), nrows=len(names))
+    axes = list(axes) if len(names) > 1 else [axes]
+    rows = []
+    for ax, name in zip(axes, names):
+        scores = sorted(counts[name])
+        passed = [counts[name][s][0] for s in scores]
+        below = [counts[name][s][1] for s in scores]
+        ax.bar(scores, passed, color=KEPT, label=f"mean score >= {threshold:g}")
+        ax.bar(scores, below, bottom=passed, color=DROPPED, label=f"mean score < {threshold:g}")
+        ax.set_xticks(scores, [str(s) for s in scores])
+        ax.set_title(name)
+        ax.set_ylabel("outputs")
+        _integer_counts(ax)
+        ax.grid(axis="y", color="#e5e5e5", linewidth=0.6)
+        rows += [[name, str(s), fmt(p), fmt(b)] for s, p, b in zip(scores, passed, below)]
+    axes[-1].set_xlabel("score")
+    _legend(fig, axes[0])
+    return Drawn(fig, (["criterion", "score", f"mean >= {threshold:g}", f"mean < {threshold:g}"], rows))
+
+
+@styled
 def plot_speed(points: list[tuple[float, float]]) -> Drawn:
     fig, ax = _figure(2.6)
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color=KEPT)

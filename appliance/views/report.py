@@ -31,6 +31,7 @@ from .plots import (
     plot_drops,
     plot_echo,
     plot_grounding,
+    plot_judge,
     plot_lengths,
     plot_scores,
     plot_speed,
@@ -253,6 +254,23 @@ class _Builder:
             self.add("Grounding scores", plot_grounding(scores, _recipe_filters(self.config).grounding_min_score),
                      "Answers whose content words do not come from their source chunk are dropped.")
 
+    def judge(self) -> None:
+        from ..runs.summary import judge_stats
+
+        stats = judge_stats(self.store, self.run_id)
+        if stats is None:
+            return
+        counts: dict[str, dict[int, tuple[int, int]]] = {name: {s: (0, 0) for s in c} for name, c in stats.counts.items()}
+        for r in self.store.rows("SELECT passed, detail_json FROM verdicts WHERE run_id = ? AND filter = 'judge' "
+                                 "AND detail_json IS NOT NULL", [self.run_id]):
+            for name, score in json.loads(r["detail_json"]).items():
+                up, down = counts.setdefault(name, {}).get(score, (0, 0))
+                counts[name][score] = (up + 1, down) if r["passed"] else (up, down + 1)
+        means = ", ".join(f"{name} {stats.mean(name):.2f}" for name in stats.counts)
+        self.add("Judge scores per criterion", plot_judge(counts, stats.threshold or 0.0),
+                 f"The rubric judge's score of each output it scored ({stats.scored}), per criterion; outputs whose mean "
+                 f"score is below {stats.threshold:g} are dropped. Mean per criterion: {means}.")
+
     def turns(self) -> None:
         if self.run["kind"] != "conversation":
             return
@@ -410,7 +428,8 @@ class _Builder:
         return None
 
     def build(self) -> Report:
-        for section in (self.lengths, self.drops, self.balance, self.echo, self.grounding, self.turns, self.evaluations, self.speed):
+        for section in (self.lengths, self.drops, self.judge, self.balance, self.echo, self.grounding, self.turns, self.evaluations,
+                        self.speed):
             section()
         kept, dropped, kept_title, dropped_title = self.samples()
         events = [f"{e['level']}: {e['message']}" for e in self.store.rows(
