@@ -198,6 +198,8 @@ def test_clean_turn_strips_role_prefixes_and_quotes():
     ({"user_prompt": '"../prompts/nowhere.md"'}, "no such prompt file: "),
     ({"kind": '"augmented"'}, "turns, user_prompt, on_bad_turn: only conversation recipes have them"),
     ({"on_bad_turn": '"skip"'}, "key 'on_bad_turn': Input should be 'drop' or 'cut'"),
+    ({"judge": '{ criteria = [{ name = "accuracy", description = "Every statement is true." }] }'},
+     "key 'judge': the rubric judge does not score conversations yet"),
 ])
 def test_bad_conversation_recipes_are_one_line_errors(run_cli, recipes, change, message):
     result = run_cli("run", str(variant(recipes, "conv-bad", **change)), ok=False)
