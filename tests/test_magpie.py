@@ -183,3 +183,24 @@ def test_request_verdicts(smollm2_model, recipe):
     assert verdict("Hello there")[1:] == (False, "the request has 2 words, fewer than 3")
     # a request the model ended by starting the assistant's turn is whole, even when the answer ran to the limit
     assert verdict("Why do basil leaves droop?\nassistant\nBecause", "length") == ("Why do basil leaves droop?", True, "a request of 5 words")
+
+
+def test_a_judge_scores_magpie_examples_and_its_verdicts_are_kept(run_cli, smol, recipe):
+    """`[judge]` applies to a magpie recipe as to any other: each answer that passed the filters is scored (a
+    generation at JUDGE_BASE + the answer's index) and its `judge` verdict stored with the per-criterion detail."""
+    from appliance.runs.items import JUDGE_BASE
+
+    recipe.write_text(recipe.read_text() + '\n[judge]\nthreshold = 1.0\n[[judge.criteria]]\nname = "helpful"\n'
+                      'description = "The answer addresses the request."\n')
+    run_cli("run", str(recipe))
+    gens = run_cli.table("generations")
+    judged = [g for g in gens if g["item_index"] >= JUDGE_BASE]
+    answers = {g["id"]: g for g in gens if ANSWER_BASE <= g["item_index"] < JUDGE_BASE}
+    verdicts = [v for v in run_cli.table("verdicts") if v["filter"] == "judge"]
+    assert judged and len(verdicts) == len(judged)
+    for v in verdicts:
+        assert v["generation_id"] in answers and 1 <= v["score"] <= 5 and v["passed"] == 1  # threshold 1: every score passes
+        assert set(json.loads(v["detail_json"])) == {"helpful"}
+    assert {g["item_index"] - JUDGE_BASE for g in judged} == {answers[v["generation_id"]]["item_index"] for v in verdicts}
+    before = len(gens)
+    assert "already complete" in run_cli("run", str(recipe)).output and len(run_cli.table("generations")) == before

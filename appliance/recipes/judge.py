@@ -18,6 +18,9 @@ import jinja2.sandbox
 from ..data.filters import (EchoGuard, NearDuplicateIndex, Signature, Verdict, check_grounded, check_json, check_length, check_not_empty,
                             check_truncated, cue_verdict, echo_metrics)
 from ..data.sketches import add_minhashes
+from ..runs.items import JUDGE_BASE, Execution
+from ..runs.rubric import Judged, Rubric, judge_verdicts, run_judge
+from ..runs.session import RunSession
 from ..runs.summary import fidelity_labels
 from ..store import Store, insert_row, to_json, utcnow
 from . import fidelity
@@ -136,6 +139,29 @@ def system_message(messages_json: str | None) -> str | None:
     """The system message a chat-mode generation was prompted with (what exported examples carry), else None."""
     messages = json.loads(messages_json) if messages_json else []
     return next((m["content"] for m in messages if m.get("role") == "system"), None)
+
+
+# What the filters read of a generation (`judge`, `attempts`, `fidelity_labels`): not the whole row, whose
+# prompts and timings would be held in memory for every generation of the run.
+JUDGED_COLUMNS = "id, item_index, output, rendered_prompt, chunk_id, variables_json, finish_reason, messages_json"
+
+
+def score_candidates(session: RunSession, rubric: Rubric, candidates: list[Candidate], seed: int) -> Execution | None:
+    """The rubric judge over the candidates that passed every filter (those it has not scored yet); each
+    one's `judge` verdict joins its others. Returns the judge stage's execution (None: nothing to score)."""
+    store, run_id = session.store, session.run_id
+    ids = [c.generation_id for c in candidates if c.kept and not c.replaced]
+    index_of = dict(store.conn.execute(
+        "SELECT id, item_index FROM generations WHERE run_id = ? AND item_index < ?", [run_id, JUDGE_BASE]).fetchall())
+    by_id = {c.generation_id: c for c in candidates if not c.replaced}
+    todo = [Judged(i, index_of[i], by_id[i].instruction, by_id[i].output, by_id[i].input) for i in ids]
+    scored = run_judge(session, rubric, todo, seed)
+    verdicts = judge_verdicts(rubric.config, store.rows(
+        f"SELECT {JUDGED_COLUMNS} FROM generations WHERE run_id = ? AND item_index >= ?", [run_id, JUDGE_BASE]))
+    for generation_id, c in by_id.items():
+        if generation_id in verdicts:
+            c.verdicts.append(verdicts[generation_id])
+    return scored
 
 
 def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[Candidate]) -> None:

@@ -52,12 +52,13 @@ from ..runs.items import (
     pending,
 )
 from ..runs.queries import find_resumable
+from ..runs.rubric import judge_workload, load_rubric
 from ..runs.session import RunSession
 from ..runs.style import PreQuery, PromptStyle, style_for
 from ..runs.summary import RunSummary, summarize
 from ..store import Store
 from .build import axis_combinations
-from .judge import INSTRUCTION_ENV, Candidate, store_judgement, system_message
+from .judge import INSTRUCTION_ENV, Candidate, score_candidates, store_judgement, system_message
 from .recipe import LoadedRecipe, RecipeError
 from .retry import attempt_of, attempts, run_retries
 
@@ -247,9 +248,12 @@ def run_magpie(
     if len(items) >= ITEM_LIMIT:
         raise ApplianceError(f"recipe {loaded.path} makes {len(items)} items; at most {ITEM_LIMIT - 1} fit one run")
     request_params = magpie.request_params(params)
+    rubric = load_rubric(recipe.judge, loaded.resolve, registry, record, where=f"recipe {loaded.path}",
+                         chat_template=chat_template or recipe.chat_template) if recipe.judge else None
     prompt_text, prompt_sha = magpie.prompt_row()
     with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel, cluster=cluster) as session:
-        session.prepare([([it.prompt for it in items], request_params), (_answer_shapes(magpie, items, params), params)])
+        session.prepare([([it.prompt for it in items], request_params), (_answer_shapes(magpie, items, params), params),
+                         *judge_workload(rubric, record, len(items), params)])
         prompt_id = store.save_prompt(PROMPT_NAME, prompt_text, prompt_sha, None)
         if run is None:
             run_id = session.begin(
@@ -268,11 +272,14 @@ def run_magpie(
             session.event("info", f"magpie: {len(answers)} of {len(items)} requests kept (the others' `request` verdicts "
                                   f"say why); answering {len(todo)}")
         executions.append(session.generate(answers, params, prompt_id=prompt_id))
-        store_judgement(store, run_id, recipe, magpie.judge(store, run_id))
+        candidates = magpie.judge(store, run_id)
+        if rubric is not None:
+            executions.append(score_candidates(session, rubric, candidates, recipe.seed))
+        store_judgement(store, run_id, recipe, candidates)
         session.complete()
         loads = session.loads
     summary = summarize(store, run_id)
-    summary.execution, summary.model_loads, summary.resumed = merge(executions), loads, run is not None
+    summary.execution, summary.model_loads, summary.resumed = merge([e for e in executions if e is not None]), loads, run is not None
     return summary
 
 

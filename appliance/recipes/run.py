@@ -25,17 +25,17 @@ from ..events import RunEvents
 from ..prompts.files import PromptFile, check_used, load_prompt, sampling_for
 from ..prompts.schema import load_json_schema
 from ..engine.types import SamplingParams
-from ..models.registry import ModelRecord, Registry
-from ..runs.items import FIDELITY_BASE, ITEM_LIMIT, JUDGE_BASE, RECIPE_KINDS, Execution, Item, merge, pending
-from ..runs.rubric import Judged, Rubric, estimated_workload, judge_verdicts, load_rubric, run_judge
+from ..models.registry import Registry
+from ..runs.items import FIDELITY_BASE, ITEM_LIMIT, RECIPE_KINDS, Execution, Item, merge, pending
+from ..runs.rubric import Rubric, judge_workload, load_rubric
 from ..runs.queries import find_resumable
-from ..runs.session import RunSession, Workload
+from ..runs.session import RunSession
 from ..runs.style import PromptStyle, style_for
 from ..runs.summary import RunSummary, summarize
 from ..store import Store
 from . import conversation, fidelity, preference
 from .build import PASSAGE_VAR, build_items, ingest_chunks
-from .judge import judge, store_judgement
+from .judge import JUDGED_COLUMNS, judge, score_candidates, store_judgement
 from .magpie import run_magpie
 from .recipe import FROM_AXES, LoadedRecipe, Recipe
 from .retry import attempt_of, attempts, cleaned, run_retries
@@ -157,7 +157,7 @@ def run_recipe(
     with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel, cluster=cluster) as session:
         work = preference.response_items(recipe, items, params) if recipe.kind == "preference" else items
         todo = pending(store, run_id, work)
-        session.prepare([([it.prompt for it in todo or work], params), *_judge_workload(rubric, record, len(items), params)])
+        session.prepare([([it.prompt for it in todo or work], params), *judge_workload(rubric, record, len(items), params)])
         prompt_id = store.save_prompt(prompt.name, prompt.text, prompt.sha256, prompt.path)
         if run_id is None:
             run_id = session.begin(
@@ -187,11 +187,6 @@ def run_recipe(
     return summary
 
 
-# What the filters read of a generation (`judge`, `attempts`, `fidelity_labels`): not the whole row, whose
-# prompts and timings would be held in memory for every generation of the run.
-JUDGED_COLUMNS = "id, item_index, output, rendered_prompt, chunk_id, variables_json, finish_reason, messages_json"
-
-
 def _generate_and_check(session: RunSession, checks: list[fidelity.Check], items: list[Item], params: SamplingParams, seed: int, *,
                         prompt_id: int, grammar: Any) -> Execution | None:
     """The main stage (the items not stored yet), its retries of empty outputs, then the fidelity checks."""
@@ -204,14 +199,6 @@ def _generate_and_check(session: RunSession, checks: list[fidelity.Check], items
     return merge([execution, *retries, *([checked] if checked else [])])
 
 
-def _judge_workload(rubric: Rubric | None, record: ModelRecord, n_items: int, params: SamplingParams) -> list[Workload]:
-    """What the judge will ask the run's own model (planned with the main stage, so judging needs no reload):
-    its prompts around outputs of the longest length allowed; nothing for a judge on another model."""
-    if rubric is None or rubric.record.path != record.path:
-        return []
-    return [estimated_workload(rubric, min(n_items, 64), params.max_tokens)]
-
-
 def _judge_run(session: RunSession, recipe: Recipe, chunks: list[dict[str, Any]], schema: tuple[dict, Any] | None,
                rubric: Rubric | None) -> Execution | None:
     """The mechanical filters; then the judge scores the outputs that passed them (those not scored yet), and
@@ -220,16 +207,6 @@ def _judge_run(session: RunSession, recipe: Recipe, chunks: list[dict[str, Any]]
     gens = store.rows(f"SELECT {JUDGED_COLUMNS} FROM generations WHERE run_id = ? ORDER BY item_index", [run_id])
     chunk_text_by_id = {c["id"]: c["text"] for c in chunks}
     candidates = judge(recipe, gens, chunk_text_by_id, schema[0] if schema else None)
-    scored = None
-    if rubric is not None:
-        index_of = {g["id"]: g["item_index"] for g in gens}
-        todo = [Judged(c.generation_id, index_of[c.generation_id], c.instruction, c.output, c.input)
-                for c in candidates if c.kept and not c.replaced]
-        scored = run_judge(session, rubric, todo, recipe.seed)
-        verdicts = judge_verdicts(rubric.config, store.rows(
-            f"SELECT {JUDGED_COLUMNS} FROM generations WHERE run_id = ? AND item_index >= ?", [run_id, JUDGE_BASE]))
-        for c in candidates:
-            if not c.replaced and c.generation_id in verdicts:
-                c.verdicts.append(verdicts[c.generation_id])
+    scored = score_candidates(session, rubric, candidates, recipe.seed) if rubric is not None else None
     store_judgement(store, run_id, recipe, candidates)
     return scored

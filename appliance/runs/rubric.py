@@ -227,6 +227,14 @@ def estimated_workload(rubric: Rubric, count: int, response_tokens: int) -> tupl
     return [it.prompt for it in judge_items(rubric, judged, 0)], rubric.params()
 
 
+def judge_workload(rubric: Rubric | None, record: ModelRecord, n_items: int, params: SamplingParams) -> list[tuple[list[str], SamplingParams]]:
+    """What the judge will ask the run's own model (planned with the main stage, so judging needs no reload):
+    its prompts around outputs of the longest length allowed; nothing for a judge on another model."""
+    if rubric is None or rubric.record.path != record.path:
+        return []
+    return [estimated_workload(rubric, min(n_items, 64), params.max_tokens)]
+
+
 def run_judge(session: RunSession, rubric: Rubric, judged: list[Judged], base_seed: int) -> Execution | None:
     """Score every output the run has not scored yet, on the judge's model (loaded in place of the run's
     model when it is another one)."""
