@@ -122,6 +122,28 @@ def test_chat_mode_on_smollm2_exports_multi_turn_files_that_datasets_loads(run_c
     assert "Turns per kept conversation" in Path("r.html").read_text()
 
 
+def test_a_judge_scores_each_kept_conversations_last_answer_in_context(run_cli, recipes, smollm2_model):
+    from appliance.runs.items import JUDGE_BASE
+
+    run_cli("models", "add", str(smollm2_model), "--name", SMOL)
+    judge = '\n[judge]\nthreshold = 1.0\n[[judge.criteria]]\nname = "grounded"\ndescription = "Answers from the passage."\n'
+    recipe = variant(recipes, "conv-judged", count="3", filters=LENIENT + judge)
+    run_cli("run", str(recipe))
+    d = sqlite_utils.Database(run_cli.db)
+    gens = {g["id"]: g for g in d["generations"].rows}
+    judged = [g for g in gens.values() if g["item_index"] >= JUDGE_BASE]
+    verdicts = {v["generation_id"]: v for v in d.query("select * from verdicts where filter = 'judge'")}
+    examples = {e["generation_id"]: e for e in d["examples"].rows}
+    assert judged and len(verdicts) == len(judged)
+    for generation_id, v in verdicts.items():  # on the example's last answer, at JUDGE_BASE + its index
+        assert generation_id in examples and json.loads(v["detail_json"]).keys() == {"grounded"}
+        assert any(g["item_index"] == JUDGE_BASE + gens[generation_id]["item_index"] for g in judged)
+    turns = json.loads(examples[next(iter(verdicts))]["messages_json"])
+    prompt = next(g["rendered_prompt"] for g in judged)
+    assert "Response:" in prompt and ("User: " in prompt or len(turns) == 2)
+    assert "already complete" in run_cli("run", str(recipe)).stderr and d["generations"].count == len(gens)
+
+
 def test_completion_mode_on_the_demo_model_is_a_transcript_cut_at_the_last_good_exchange(run_cli, recipes):
     recipe = variant(recipes, "conv-completion", count="3", model='"gemma-3-270m-q4_k_m"', on_bad_turn='"cut"',
                      filters=LENIENT + "max_words = 40\n")
@@ -198,8 +220,7 @@ def test_clean_turn_strips_role_prefixes_and_quotes():
     ({"user_prompt": '"../prompts/nowhere.md"'}, "no such prompt file: "),
     ({"kind": '"augmented"'}, "turns, user_prompt, on_bad_turn: only conversation recipes have them"),
     ({"on_bad_turn": '"skip"'}, "key 'on_bad_turn': Input should be 'drop' or 'cut'"),
-    ({"judge": '{ criteria = [{ name = "accuracy", description = "Every statement is true." }] }'},
-     "key 'judge': the rubric judge does not score conversations yet"),
+    ({"judge": '{ criteria = [{ name = "accuracy" }] }'}, "key 'judge.criteria.0.description': is missing"),
 ])
 def test_bad_conversation_recipes_are_one_line_errors(run_cli, recipes, change, message):
     result = run_cli("run", str(variant(recipes, "conv-bad", **change)), ok=False)

@@ -48,13 +48,14 @@ from ..events import RunEvents
 from ..models.registry import ModelRecord, Registry
 from ..prompts.files import PromptFile, load_prompt, sampling_for
 from ..runs.items import ITEM_LIMIT, MAX_TURNS, Execution, Item, item_seeds, merge
+from ..runs.rubric import judge_workload, load_rubric
 from ..runs.session import RunSession
 from ..runs.style import PromptStyle
 from ..runs.summary import RunSummary, summarize
 from ..store import Store
 from . import fidelity
 from .build import PASSAGE_VAR, axis_combinations
-from .judge import Candidate, store_judgement
+from .judge import Candidate, score_candidates, store_judgement
 from .recipe import Filters, LoadedRecipe, Recipe
 
 SIDES = ("user", "assistant")
@@ -114,9 +115,6 @@ def load_inputs(loaded: LoadedRecipe, prompt: PromptFile) -> PromptFile:
     where = f"recipe {loaded.path}"
     if recipe.schema_file:
         raise ConversationError(f"{where}: key 'schema': conversation turns are free text, not JSON")
-    if recipe.judge is not None:
-        raise ConversationError(f"{where}: key 'judge': the rubric judge does not score conversations yet (their turns are "
-                                "checked by the filters: echo, grounding, length)")
     if prompt.turns or prompt.header.system is not None:
         raise ConversationError(f"prompt {prompt.path}: the assistant's prompt of a conversation is its system message: write it "
                                 "as the body, without a system key or ### turns (the conversation gives the turns)")
@@ -348,11 +346,14 @@ def run_conversation(store: Store, registry: Registry, loaded: LoadedRecipe, pro
     """Make (or continue) a conversation run: `prompts` is (user_prompt, prompt), side 0 and side 1."""
     recipe = loaded.recipe
     check_user_prompt(store, run_id, prompts[0])
+    rubric = load_rubric(recipe.judge, loaded.resolve, registry, record, where=f"recipe {loaded.path}",
+                         chat_template=recipe.chat_template) if recipe.judge else None
     convs = conversations(recipe, prompts, chunks)
     params = (side_params(prompts[0], recipe), side_params(prompts[1], recipe))
     resumed = run_id is not None
     with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel, cluster=cluster) as session:
-        session.prepare(planning_workloads(style, prompts, params, convs, recipe.turns or 1, recipe.seed))
+        session.prepare([*planning_workloads(style, prompts, params, convs, recipe.turns or 1, recipe.seed),
+                         *judge_workload(rubric, record, len(convs), params[1])])
         prompt_ids = tuple(store.save_prompt(p.name, p.text, p.sha256, p.path) for p in prompts)
         if run_id is None:
             run_id = session.begin(
@@ -366,8 +367,12 @@ def run_conversation(store: Store, registry: Registry, loaded: LoadedRecipe, pro
                 store.event(run_id, "warning", f"skipped source {path}: {reason}")
         else:
             session.attach(run_id)
-        execution = merge(run_rounds(session, style, prompts, prompt_ids, params, convs, recipe))  # type: ignore[arg-type]
-        store_judgement(store, run_id, recipe, judge_conversations(recipe, prompts[1], convs, stored_turns(store, run_id)))
+        executions = run_rounds(session, style, prompts, prompt_ids, params, convs, recipe)
+        candidates = judge_conversations(recipe, prompts[1], convs, stored_turns(store, run_id))
+        if rubric is not None:  # each kept conversation's last answer, with the turns before it as the instruction
+            executions.append(score_candidates(session, rubric, candidates, recipe.seed))
+        store_judgement(store, run_id, recipe, candidates)
+        execution = merge([e for e in executions if e is not None])
         session.complete()
         loads = session.loads
     summary = summarize(store, run_id)

@@ -154,7 +154,7 @@ def score_candidates(session: RunSession, rubric: Rubric, candidates: list[Candi
     index_of = dict(store.conn.execute(
         "SELECT id, item_index FROM generations WHERE run_id = ? AND item_index < ?", [run_id, JUDGE_BASE]).fetchall())
     by_id = {c.generation_id: c for c in candidates if not c.replaced}
-    todo = [Judged(i, index_of[i], by_id[i].instruction, by_id[i].output, by_id[i].input) for i in ids]
+    todo = [_judged(by_id[i], index_of[i]) for i in ids]
     scored = run_judge(session, rubric, todo, seed)
     verdicts = judge_verdicts(rubric.config, store.rows(
         f"SELECT {JUDGED_COLUMNS} FROM generations WHERE run_id = ? AND item_index >= ?", [run_id, JUDGE_BASE]))
@@ -162,6 +162,15 @@ def score_candidates(session: RunSession, rubric: Rubric, candidates: list[Candi
         if generation_id in verdicts:
             c.verdicts.append(verdicts[generation_id])
     return scored
+
+
+def _judged(c: Candidate, index: int) -> Judged:
+    """What the judge reads of a candidate: its instruction and output; for a conversation, its last answer,
+    with every turn before it (one per line, "User: ..." / "Assistant: ...") as the instruction."""
+    if c.messages and len(c.messages) > 2:
+        before = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in c.messages[:-1])
+        return Judged(c.generation_id, index, before, c.messages[-1]["content"], c.input)
+    return Judged(c.generation_id, index, c.instruction, c.output, c.input)
 
 
 def store_judgement(store: Store, run_id: int, recipe: Recipe, candidates: list[Candidate]) -> None:
