@@ -12,8 +12,10 @@ For each recipe, in its own subprocess (so its peak RSS is its own), on a tempor
          included) / the seconds its stages spent generating (RunSummary.execution: prompts decoded, tokens
          sampled, rows written; the model load and the filters excluded); `wall_tok_s` = the same tokens / the
          whole call (load, chunking, filters and all)
-  free   the bare engine, in the same process after the run, on the run's own first-stage prompts (as stored),
-         with the plan's parallelism, the recipe's max_tokens and temperature, no grammar: `free_tok_s`
+  free   the bare engine, in the same process after the run, on the prompts of the run's own generations (as
+         stored, the judge's excepted, at most 64: every response of a preference run, every turn of a conversation
+         run), in one engine call with the plan's parallelism, the recipe's max_tokens and temperature, no grammar:
+         `free_tok_s`
 `ratio` = gen_tok_s / free_tok_s (target >= 0.5).
 
     scripts/bench_turns.py [--recipe PATH ...] [--json FILE] [--docs FILE]
@@ -59,6 +61,7 @@ def worker(recipe_path: str) -> dict:
     from appliance.prompts.files import load_prompt, sampling_for
     from appliance.recipes.recipe import load_recipe
     from appliance.recipes.run import run_recipe
+    from appliance.runs.items import JUDGE_BASE
     from appliance.store.database import Store
 
     loaded = load_recipe(REPO / recipe_path)
@@ -79,8 +82,8 @@ def worker(recipe_path: str) -> dict:
         run = store.rows("SELECT plan_json FROM runs WHERE id = ?", [run_id])[0]
         n_parallel = json.loads(run["plan_json"])["n_parallel"]
         loads = store.rows("SELECT count(*) n FROM run_events WHERE run_id = ? AND message LIKE 'model % loaded in %'", [run_id])[0]["n"]
-        first = store.rows("SELECT rendered_prompt, generations.messages_json FROM generations WHERE run_id = ? ORDER BY item_index LIMIT ?",
-                           [run_id, summary.requested or 64])
+        first = store.rows("SELECT rendered_prompt, messages_json FROM generations WHERE run_id = ? AND item_index < ? "
+                           "ORDER BY item_index LIMIT 64", [run_id, JUDGE_BASE])
         prompts = [r["rendered_prompt"] for r in first]
         chat = any(r["messages_json"] for r in first)
         model_path = registry.resolve(loaded.recipe.model).path

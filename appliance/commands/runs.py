@@ -82,7 +82,7 @@ def generate_cmd(ctx: click.Context, prompt_file: Path, model: str, count: int, 
 @click.pass_context
 def run_cmd(ctx: click.Context, recipe_file: Path, resume: int | None, new_run: bool, n_parallel: int | None, verbose: bool, quiet: bool,
             mode, chat_template, ray, ray_actors) -> None:
-    """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented, preference) or a task spec
+    """Make a dataset from RECIPE_FILE: a recipe (synthetic, annotated, augmented, conversation, preference; `magpie = true`) or a task spec
     (`[[tasks]]`: data for small models). Re-running the file continues its unfinished run."""
     from ..launch import run_file
     from ..views.progress import GenerationProgress, text_row

@@ -52,7 +52,7 @@ def _m001_core(db: sqlite_utils.Database) -> None:
         """
         CREATE TABLE runs (
             id INTEGER PRIMARY KEY,
-            kind TEXT NOT NULL,                -- generate | synthetic | annotated | augmented | task | eval
+            kind TEXT NOT NULL,                -- generate | synthetic | annotated | augmented | conversation | preference | task | eval
             status TEXT NOT NULL,              -- running | completed | interrupted | failed
             model_id INTEGER REFERENCES models(id),
             model_sha256 TEXT,
