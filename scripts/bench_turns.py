@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tokens/s of multi-stage recipe runs (conversations, preference pairs) against the engine's free rate on the
+"""Tokens/s of multi-stage recipe runs (conversations, preference pairs, Magpie) against the engine's free rate on the
 same model, the same prompts and the same parallelism, measured in the same run of this script.
 
 A conversation run generates in rounds (each side of each turn is one batched engine call over every live
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RECIPES = ["recipes/conversation-coriolanus.toml", "recipes/preference-explanations.toml"]
+DEFAULT_RECIPES = ["recipes/conversation-coriolanus.toml", "recipes/preference-explanations.toml", "recipes/magpie-smollm2.toml"]
 
 
 def smollm2_path() -> str | None:

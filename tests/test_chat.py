@@ -176,7 +176,8 @@ def test_override_by_name_or_file_and_bad_overrides(demo_model: Path, smollm2_mo
 
 
 def test_mode_rule_on_shipped_prompts_and_a_plain_question(smollm2_template: ChatTemplate):
-    chat_prompts = {"question.md", "explain.md"}  # written for instruct models: a plain question, and turns
+    # written for instruct models: a plain question, turns, and the two sides of a conversation
+    chat_prompts = {"question.md", "explain.md", "conversation-user.md", "conversation-assistant.md"}
     shipped = sorted(p for p in (REPO / "prompts").glob("*.md") if p.name not in chat_prompts)
     assert len(shipped) >= 4
     for name in chat_prompts:
