@@ -337,7 +337,7 @@ def test_browse_pages_are_local_and_described(served):
         assets = re.findall(r'<(?:script[^>]*\ssrc|link[^>]*rel="stylesheet"[^>]*\shref)="([^"]+)"', page)
         assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
     status, runs_page = _get(served + "/runs")
-    assert status == 200 and "generate | synthetic | annotated | augmented | task | eval" in runs_page
+    assert status == 200 and "generate | synthetic | annotated | augmented | conversation | preference | task | eval" in runs_page
     assert 'class="facet-info' in runs_page or "facet-results" in runs_page
 
 
