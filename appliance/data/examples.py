@@ -55,6 +55,14 @@ class Example(BaseModel):
         return system + self.turns
 
 
+SPEAKERS = {"user": "User", "assistant": "Assistant"}  # a conversation's turns as transcript lines
+
+
+def transcript(messages: list[dict[str, str]]) -> str:
+    """User and assistant messages as one "User: ..." / "Assistant: ..." line each."""
+    return "\n".join(f"{SPEAKERS[m['role']]}: {m['content']}" for m in messages)
+
+
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
 

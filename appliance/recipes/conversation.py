@@ -40,6 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.examples import SPEAKERS, transcript
 from ..data.filters import (EchoGuard, NearDuplicateIndex, Verdict, check_grounded, check_length, check_not_empty,
                             check_truncated, echo_metrics)
 from ..engine.types import SamplingParams
@@ -59,7 +60,6 @@ from .judge import Candidate, score_candidates, store_judgement
 from .recipe import Filters, LoadedRecipe, Recipe
 
 SIDES = ("user", "assistant")
-SPEAKERS = {"user": "User", "assistant": "Assistant"}
 TURN_STOPS = ["\nUser:", "\nAssistant:"]  # a turn ends where the model starts writing the other speaker's (or its own next) line
 TURN_VARS = ("history", "turn", "turns")  # what the user's prompt may use besides the recipe's values
 HISTORY_VAR = "history"
@@ -162,10 +162,6 @@ def side_params(prompt: PromptFile, recipe: Recipe) -> SamplingParams:
 # ------------------------------------------------------------------------------------------ items
 
 
-def transcript(messages: list[dict[str, str]]) -> str:
-    return "\n".join(f"{SPEAKERS[m['role']]}: {m['content']}" for m in messages)
-
-
 def turn_item(style: PromptStyle, prompts: tuple[PromptFile, PromptFile], conv: Conversation, turn: int, side: int,
               messages: list[dict[str, str]], turns: int, base_seed: int) -> Item:
     """The item that writes side `side` of turn `turn` of `conv`, after `messages` (the turns so far, cleaned)."""
@@ -176,7 +172,7 @@ def turn_item(style: PromptStyle, prompts: tuple[PromptFile, PromptFile], conv: 
     user_values = {**conv_values(conv), "turn": turn + 1, "turns": turns}
     if not style.chat:
         opening = prompt.render_completion({**user_values, HISTORY_VAR: ""}) if side == 0 else assistant_system(prompt, conv)
-        lines = [*(f"{SPEAKERS[m['role']]}: {m['content']}" for m in messages), f"{SPEAKERS[SIDES[side]]}:"]
+        lines = [*([transcript(messages)] if messages else []), f"{SPEAKERS[SIDES[side]]}:"]
         return style.message_item(f"{opening.rstrip()}\n\n" + "\n".join(lines), **fields)
     if side == 0:
         chat = prompt.render_messages({**user_values, HISTORY_VAR: transcript(messages)})

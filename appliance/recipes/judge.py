@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2.sandbox
 
+from ..data.examples import transcript
 from ..data.filters import (EchoGuard, NearDuplicateIndex, Signature, Verdict, check_grounded, check_json, check_length, check_not_empty,
                             check_truncated, cue_verdict, echo_metrics)
 from ..data.sketches import add_minhashes
@@ -168,7 +169,7 @@ def _judged(c: Candidate, index: int) -> Judged:
     """What the judge reads of a candidate: its instruction and output; for a conversation, its last answer,
     with every turn before it (one per line, "User: ..." / "Assistant: ...") as the instruction."""
     if c.messages and len(c.messages) > 2:
-        before = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in c.messages[:-1])
+        before = transcript(c.messages[:-1])
         return Judged(c.generation_id, index, before, c.messages[-1]["content"], c.input)
     return Judged(c.generation_id, index, c.instruction, c.output, c.input)
 
