@@ -249,13 +249,54 @@ def test_ray_local_starts_and_stops_its_own_cluster(tmp_path, demo_model):
     assert sorted(_firsts(db, run_id)) == list(range(4))
 
 
+def _client_server_logs() -> str:
+    """The end of each Ray Client server's error log (why a server the proxy started exited), for a failure message."""
+    logs = sorted(Path("/tmp/ray/session_latest/logs").glob("ray_client_server*.err"))
+    return "".join(f"\n--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]) for log in logs)
+
+
+def test_a_ray_client_server_that_fails_to_start_is_tried_again(monkeypatch):
+    """Ray Client's proxy starts a server process per client, which now and then exits as it starts: the
+    connection is tried again as a new client (CLIENT_SERVER_ATTEMPTS in all), then the error is one line."""
+    from appliance.workers import cluster as cluster_module
+
+    failure = ConnectionAbortedError("Initialization failure from server:\nTraceback ...\nRuntimeError: Starting Ray client "
+                                     "server failed. See ray_client_server_23000.err for detailed logs.")
+    calls: list[str] = []
+
+    def init(address: str, **options: object) -> None:
+        calls.append(address)
+        if len(calls) < failures:
+            raise failure
+
+    monkeypatch.setattr(cluster_module.time, "sleep", lambda s: None)
+    for failures, connects in ((cluster_module.CLIENT_SERVER_ATTEMPTS, True), (cluster_module.CLIENT_SERVER_ATTEMPTS + 1, False)):
+        calls.clear()
+        c = cluster_module.Cluster("ray://127.0.0.1:10001")
+        monkeypatch.setattr(c, "ray", type("FakeRay", (), {"init": staticmethod(init)}))
+        if connects:
+            assert c.__enter__() is c
+        else:
+            with pytest.raises(ApplianceError, match=r"^cannot connect to the Ray cluster at ray://127.0.0.1:10001: "
+                                                     r"Initialization failure from server: RuntimeError: Starting Ray client server failed\."):
+                c.__enter__()
+        assert calls == ["ray://127.0.0.1:10001"] * cluster_module.CLIENT_SERVER_ATTEMPTS
+    c = cluster_module.Cluster("127.0.0.1:6379")  # not Ray Client: no second try
+    calls.clear()
+    failures = 5
+    monkeypatch.setattr(c, "ray", type("FakeRay", (), {"init": staticmethod(init)}))
+    with pytest.raises(ApplianceError):
+        c.__enter__()
+    assert calls == ["127.0.0.1:6379"]
+
+
 @pytest.mark.slow
 def test_ray_client_address(cluster, tmp_path, demo_model):
     """ray://HOST:PORT joins through Ray Client, which cannot stream from actors: shards come back whole."""
     spec = _synthetic(tmp_path, 6, "ray-client")
     db = tmp_path / "a.db"
     code, err = _appliance(db, "run", str(spec), "--quiet", "--ray", f"ray://127.0.0.1:{CLIENT_PORT}", "--ray-actors", "2")
-    assert code == 0, err
+    assert code == 0, err + _client_server_logs()
     run_id = int(re.search(r"^run (\d+) \(new\)", err, re.M)[1])
     assert sorted(_firsts(db, run_id)) == list(range(6))
     _no_duplicates(db, run_id)

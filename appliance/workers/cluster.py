@@ -42,6 +42,11 @@ from .local import Limits, ModelWorker, Needs, Notice
 
 NAMESPACE = "appliance"
 NOTICES_EVERY_S = 0.25  # an actor sends what happened (rows, tokens) at most this often
+# Ray Client (ray://): the cluster's proxy starts a server process per client, and now and then that process
+# exits as it starts ("Starting Ray client server failed"; Ray's own client tests are flaky on it). The
+# connection is tried again, as a new client, up to this many times in all before the error is shown.
+CLIENT_SERVER_ATTEMPTS = 3
+CLIENT_SERVER_FAILED = "Starting Ray client server failed"
 
 
 def _ray() -> Any:
@@ -100,15 +105,20 @@ class Cluster:
         offline.allow(self.hosts)
         options: dict[str, Any] = {"namespace": NAMESPACE, "include_dashboard": False, "log_to_driver": False,
                                    "logging_level": "ERROR", "configure_logging": True}
-        try:
-            if self.address == "local":
-                ray.init(address="local", num_cpus=os.cpu_count() or 1, **options)
-            else:
-                options.pop("include_dashboard")
-                ray.init(address=self.address, **options)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ApplianceError(f"cannot connect to the Ray cluster at {self.address}: {first_line(exc)}") from None
-        return self
+        if self.address != "local":
+            options.pop("include_dashboard")
+        for attempt in range(1, CLIENT_SERVER_ATTEMPTS + 1):
+            try:
+                if self.address == "local":
+                    ray.init(address="local", num_cpus=os.cpu_count() or 1, **options)
+                else:
+                    ray.init(address=self.address, **options)
+                return self
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                if not (self.client and CLIENT_SERVER_FAILED in str(exc) and attempt < CLIENT_SERVER_ATTEMPTS):
+                    raise ApplianceError(f"cannot connect to the Ray cluster at {self.address}: {first_line(exc)}") from None
+                time.sleep(attempt)  # a fresh client id on the next try: the proxy starts a new server for it
+        raise AssertionError("unreachable")
 
     def __exit__(self, *exc: object) -> None:
         self.ray.shutdown()
