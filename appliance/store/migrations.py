@@ -264,6 +264,12 @@ def _m008_minhash(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE examples ADD COLUMN minhash BLOB")
 
 
+def _m009_prompts_per_run(db: sqlite_utils.Database) -> None:
+    # The prompts behind a run's generations (the dataset card's appendix): without an index SQLite read every
+    # generation row of the run for its prompt_id (0.04 s of a 100k-item export); this one answers from the index.
+    db.execute("CREATE INDEX generations_run_prompt ON generations(run_id, prompt_id)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
     (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
@@ -273,4 +279,5 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (6, "an index of each run's generations newest first (logs --run)", _m006_newest_first),
     (7, "conversations and preference pairs: example turns, rejected response, judge scores per criterion", _m007_turns_and_pairs),
     (8, "each kept example's MinHash, stored when it is written (export reads it)", _m008_minhash),
+    (9, "an index of the prompts each run's generations used (the dataset card's appendix)", _m009_prompts_per_run),
 ]
