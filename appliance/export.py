@@ -8,7 +8,7 @@ import functools
 import gc
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -17,13 +17,14 @@ from typing import Any
 from .data.card import card_lines, dataset_card, prompts_used
 from .data.examples import (
     PREFERENCE_FORMATS,
-    Example,
+    ExampleColumns,
     ExportError,
     check_format,
+    dedup_text,
     write_jsonl,
 )
-from .data.sketches import ExampleSketches
-from .data.splits import cross_split_duplicates, parse_split_spec, split_examples
+from .data.sketches import read_sketches
+from .data.splits import cross_split_rows, parse_split_spec, split_rows
 from .errors import ApplianceError, StoreError, with_article
 from .runs.summary import summarize
 from .store import Store, command_prefix, utcnow
@@ -41,11 +42,10 @@ def _spec(ratios: dict[str, float]) -> str:
     return ",".join(f"{name}={ratio:g}" for name, ratio in ratios.items())
 
 
-def stored_splits(store: Store, run_id: int) -> dict[str, float] | None:
+def stored_splits(store: Store, run_id: int, splits: Iterable[str | None]) -> dict[str, float] | None:
     """The split ratios a run stored its examples under (task runs; `eval` scores the stored test split),
-    else None."""
-    names = [r["split"] for r in store.rows(
-        "SELECT DISTINCT split FROM examples WHERE run_id = ? AND kept = 1 AND split IS NOT NULL ORDER BY split", [run_id])]
+    else None. `splits`: the stored split of each of its kept examples (None where it has none)."""
+    names = sorted({name for name in splits if name is not None})
     if not names:
         return None
     run = store.rows("SELECT config_json FROM runs WHERE id = ?", [run_id])[0]
@@ -87,32 +87,34 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
     if summary.kind in ("generate", "eval"):
         raise ExportError(f"run {run_id} is {with_article(summary.kind)} run with no dataset examples; export recipe and task runs "
                           f"(`{command_prefix(store.path)} logs --run {run_id} --json` lists its outputs)")
-    stored = stored_splits(store, run_id)
+    examples, stored_split, minhashes = _kept_examples(store, run_id)
+    stored = stored_splits(store, run_id, stored_split)
     if stored and ratios and not resplit and (set(ratios) != set(stored) or any(abs(ratios[n] - stored[n]) > 1e-9 for n in ratios)):
         raise ExportError(f"run {run_id} stored its splits ({_spec(stored)}; `eval` tests on them): export without --split "
                           f"to keep them, or add --resplit to split again (the card records it)")
-    examples, stored_split, minhashes = _kept_examples(store, run_id)
     if not examples:
         why = summary.why_nothing() or "the run has no examples yet (run its recipe first)"
         raise ExportError(f"run {run_id} has nothing to export: {why}")
-    if fmt in PREFERENCE_FORMATS and any(ex.rejected is None for ex in examples):
+    if fmt in PREFERENCE_FORMATS and None in examples.rejected:
         raise ExportError(f"format {fmt} needs preference pairs (chosen and rejected): run {run_id} is {with_article(summary.kind)} "
                           "run; export a preference recipe's run, or choose openai, sharegpt, alpaca or jsonl")
     # the stored MinHashes (the missing ones computed), read once if a split or the cross-split count needs them
-    sketches = functools.cache(lambda: ExampleSketches(examples, minhashes))
+    sketches = functools.cache(lambda: read_sketches(minhashes, lambda row: dedup_text(examples.example(row))))
     how: str
+    rows: dict[str, Sequence[int]]  # each split's rows of `examples`, in the order written
     if stored and not resplit:
-        splits = {name: [ex for ex, where in zip(examples, stored_split) if where == name] for name in stored}
+        rows = {name: [i for i, where in enumerate(stored_split) if where == name] for name in stored}
         how = f"as stored by run {run_id} ({_spec(stored)}), the splits `eval` uses"
     elif ratios:
-        splits = split_examples(examples, ratios, seed=seed, sketches=sketches())
+        rows = split_rows(examples.id, examples.group, examples.label, sketches(), ratios, seed=seed)
         how = f"made at export: {_spec(ratios)}, seed {seed}"
         if stored:
             how += (f"; RE-SPLIT with --resplit, ignoring the run's stored splits ({_spec(stored)}): "
                     f"`eval --dataset {run_id}` scores the stored test split, which these files may train on")
     else:
-        splits = {"all": examples}
+        rows = {"all": range(len(examples))}
         how = "none (one file)"
+    splits = {name: examples.take(part) for name, part in rows.items()}
     paths = {name: out if list(splits) == ["all"] else out.with_name(f"{out.stem}.{name}{out.suffix or '.jsonl'}") for name in splits}
     card = out.with_name(f"{out.stem}.card.md")
     existing = [str(p) for p in [*paths.values(), card] if p.exists()]
@@ -121,7 +123,7 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
                           "add --force to replace, or choose another --out")
     files = {name: (paths[name], write_jsonl(paths[name], part, fmt)) for name, part in splits.items()}
     run = store.rows("SELECT r.name, r.kind, m.name AS model FROM runs r LEFT JOIN models m ON m.id = r.model_id WHERE r.id = ?", [run_id])[0]
-    crossing, total = cross_split_duplicates(splits, sketches=sketches()) if len(splits) > 1 else (0, 0)
+    crossing, total = cross_split_rows(rows, sketches()) if len(splits) > 1 else (0, 0)
     provenance = card_lines(store, run_id) + [
         f"- splits: {how}",
         "- near-duplicates across splits: " + (f"{crossing} of {total} examples ({crossing / total:.1%}) have a near-duplicate "
@@ -142,9 +144,10 @@ def export_run(store: Store, run_id: int, fmt: str, out: Path, split: str | None
 _OPTIONAL = ("messages_json", "rejected", "minhash")
 
 
-def _kept_examples(store: Store, run_id: int) -> tuple[list[Example], list[str | None], list[bytes | None]]:
-    """The run's kept examples in item order, with each one's stored split and stored MinHash. Reads only
-    the columns export uses, as tuples (not `e.*` as dicts: at 100k rows that was a fifth of the export)."""
+def _kept_examples(store: Store, run_id: int) -> tuple[ExampleColumns, list[str | None], list[bytes | None]]:
+    """The run's kept examples in item order, as columns, with each one's stored split and stored MinHash.
+    Reads only the columns export uses, as tuples (not `e.*` as dicts: at 100k rows that was a fifth of the
+    export), turned into columns at once (one object per example, and freeing it, was another fifth)."""
     have = {r["name"] for r in store.rows("SELECT name FROM pragma_table_info('examples')")}
     optional = ", ".join(f"e.{c}" if c in have else f"NULL AS {c}" for c in _OPTIONAL)
     sql = ("SELECT e.id, e.generation_id, e.chunk_id, e.instruction, e.input, e.output, e.system, e.group_key, e.label, "
@@ -155,13 +158,13 @@ def _kept_examples(store: Store, run_id: int) -> tuple[list[Example], list[str |
     except sqlite3.DatabaseError as exc:
         raise StoreError(describe_sqlite_error(store.path, exc)) from None
     rows.sort(key=itemgetter(-1))
-    examples = [
-        Example(id=str(id_), instruction=instruction, input=input_, output=output, system=system, group=group, label=label,
-                rejected=rejected, messages=json.loads(messages) if messages else None,
-                meta={"run_id": run_id, "generation_id": generation_id, "chunk_id": chunk_id, "seed": seed})
-        for id_, generation_id, chunk_id, instruction, input_, output, system, group, label, messages, rejected, _, seed, _, _ in rows
-    ]
-    return examples, [r[-2] for r in rows], [r[-4] for r in rows]
+    (ids, generation_ids, chunk_ids, instructions, inputs, outputs, systems, groups, labels, messages, rejected, minhashes, seeds,
+     splits, _) = map(list, zip(*rows)) if rows else ([] for _ in range(15))
+    examples = ExampleColumns(
+        id=list(map(str, ids)), instruction=instructions, input=inputs, output=outputs, system=systems, group=groups, label=labels,
+        messages=[json.loads(m) if m else None for m in messages] if any(messages) else [None] * len(rows), rejected=rejected,
+        meta=[{"run_id": run_id, "generation_id": g, "chunk_id": c, "seed": seed} for g, c, seed in zip(generation_ids, chunk_ids, seeds)])
+    return examples, splits, minhashes
 
 
 def expected_labels(store: Store, run_id: int) -> list[str]:

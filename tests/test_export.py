@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from appliance.data.card import dataset_card
-from appliance.data.examples import FORMATS, PREFERENCE_FORMATS, Example, ExportError, dedup_text, to_record, write_jsonl
+from appliance.data.examples import (
+    FORMATS,
+    PREFERENCE_FORMATS,
+    Example,
+    ExportError,
+    dedup_text,
+    record_line,
+    to_record,
+    write_jsonl,
+)
 from appliance.data.splits import parse_split_spec, split_examples
 from appliance.store.database import Store
 
@@ -46,9 +56,27 @@ def test_records_in_each_format() -> None:
         "output": "Speak, speak.",
     }
     assert to_record(WITH_SYSTEM, "alpaca")["system"] == "You are a smart-home assistant."
-    assert Example.model_validate(to_record(WITH_SYSTEM, "jsonl")) == WITH_SYSTEM
+    assert Example(**to_record(WITH_SYSTEM, "jsonl")) == WITH_SYSTEM
     with pytest.raises(ExportError, match="^unknown format 'csv' \\(choose from openai, sharegpt, alpaca, jsonl, dpo, openai-preference\\)$"):
         to_record(PLAIN, "csv")
+
+
+def test_each_line_is_json_dumps_exactly() -> None:
+    """The lines written from an example's strings directly are `json.dumps(record, ensure_ascii=False)`'s, byte
+    for byte, whatever the text holds (quotes, backslashes, control characters, line separators, astral and lone
+    surrogate code points), with and without a system message or input, single turns and conversations."""
+    rng = random.Random(22)
+    alphabet = ["a", " ", '"', "\\", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "—", "“", "\u2028", "😀", "\ud800", "/", "<", "'"]
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+    for i in range(2000):
+        turns = rng.choice([None, None, [{"role": "user", "content": text()}, {"role": "assistant", "content": text()}]])
+        ex = Example(id=str(i), instruction=text(), input=rng.choice(["", text()]), output=text(), system=rng.choice([None, "", text()]),
+                     rejected=text(), messages=turns, label=rng.choice([None, text()]), meta={"seed": i})
+        for fmt in FORMATS:
+            assert record_line(ex, fmt) == json.dumps(to_record(ex, fmt), ensure_ascii=False), (ex, fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -56,10 +84,10 @@ def test_write_and_read_back(tmp_path: Path, fmt: str) -> None:
     examples = [
         WITH_SYSTEM,
         PLAIN,
-        PLAIN.model_copy(update={"id": "ex3", "output": "Ünïcödé — “quotes”\nand a newline"}),
+        replace(PLAIN, id="ex3", output="Ünïcödé — “quotes”\nand a newline"),
     ]
     if fmt in PREFERENCE_FORMATS:
-        examples = [ex.model_copy(update={"rejected": "no."}) for ex in examples]
+        examples = [replace(ex, rejected="no.") for ex in examples]
     path = tmp_path / f"data.{fmt}.jsonl"
     assert write_jsonl(path, examples, fmt) == 3
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -86,7 +114,7 @@ def test_a_conversation_in_each_format() -> None:
     assert to_record(CONVERSATION, "alpaca") == {  # LLaMA-Factory's alpaca: earlier exchanges in `history`
         "instruction": "And then?", "input": "", "output": "Then he speaks of Rome.",
         "history": [["Who speaks first?", "A citizen."]], "system": "Answer from the passage."}
-    assert Example.model_validate(to_record(CONVERSATION, "jsonl")) == CONVERSATION
+    assert Example(**to_record(CONVERSATION, "jsonl")) == CONVERSATION
     assert dedup_text(CONVERSATION) == "Who speaks first?\nA citizen.\nAnd then?\nThen he speaks of Rome."
 
 
@@ -104,7 +132,7 @@ def test_preference_pairs_in_trl_and_openai_form() -> None:
 
 def test_exported_files_load_with_hf_datasets(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-    write_jsonl(tmp_path / "dpo.jsonl", [PAIR, PAIR.model_copy(update={"id": "p2"})], "dpo")
+    write_jsonl(tmp_path / "dpo.jsonl", [PAIR, replace(PAIR, id="p2")], "dpo")
     write_jsonl(tmp_path / "conv.jsonl", [CONVERSATION, PLAIN], "openai")
     dpo = datasets.load_dataset("json", data_files=str(tmp_path / "dpo.jsonl"), split="train")
     assert dpo.column_names == ["prompt", "chosen", "rejected"] and dpo[0]["chosen"][0]["role"] == "assistant"
@@ -167,7 +195,7 @@ def _dataset(n: int = 120, seed: int = 5) -> list[Example]:
     for i in range(60, min(n, 80)):  # near duplicates of earlier, ungrouped examples: one word added
         source = examples[i - 15]
         update = {"instruction": source.instruction, "output": source.output + " glacier", "label": source.label}
-        examples[i] = examples[i].model_copy(update=update)
+        examples[i] = replace(examples[i], **update)
     return examples
 
 

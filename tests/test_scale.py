@@ -12,6 +12,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2.sandbox
@@ -20,9 +21,8 @@ import pytest
 from datasketch import MinHash, MinHashLSH
 
 from appliance import export as export_module
-from appliance.data import filters as filters_module
+from appliance.data import minhash as minhash_module
 from appliance.data import sketches as sketches_module
-from appliance.data import splits as splits_module
 from appliance.data.examples import Example, dedup_text
 from appliance.data.filters import (
     DuplicateMatch,
@@ -129,6 +129,59 @@ def old_clusters(examples: list[Example], threshold: float, sketches: object = N
     return [members[root] for root in sorted(members)]
 
 
+def old_split_examples(examples: list[Example], ratios: dict[str, float], seed: int = 0, near_dup_threshold: float = 0.8,
+                       stratify: bool = True, sketches: object = None) -> dict[str, list[Example]]:
+    """split_examples before issue 22 (on lists of examples, over the old index's clusters), verbatim but for names."""
+    ordered = sorted(examples, key=lambda ex: ex.id)
+    rng = random.Random(seed)
+    clusters = old_clusters(ordered, near_dup_threshold)
+    strata: dict[str, list[list[Example]]] = {}
+    use_labels = stratify and any(ex.label is not None for ex in ordered)
+    for cluster in clusters:
+        strata.setdefault(old_main_label(cluster) if use_labels else "", []).append(cluster)
+    assigned: dict[str, list[list[Example]]] = {name: [] for name in ratios}
+    counts = dict.fromkeys(ratios, 0)
+    seen = 0
+    for key in sorted(strata):
+        stratum = strata[key]
+        rng.shuffle(stratum)
+        seen += sum(map(len, stratum))
+        names, goal = list(ratios), [ratio * seen for ratio in ratios.values()]
+        have = [counts[name] for name in names]
+        for cluster in stratum:
+            best, best_gap, best_have = 0, round(goal[0] - have[0], 9), have[0]
+            for k in range(1, len(names)):
+                gap = round(goal[k] - have[k], 9)
+                if gap > best_gap or (gap == best_gap and have[k] < best_have):
+                    best, best_gap, best_have = k, gap, have[k]
+            assigned[names[best]].append(cluster)
+            have[best] += len(cluster)
+        counts.update(zip(names, have))
+    for parts in assigned.values():
+        if parts:
+            continue
+        donor = max(assigned.values(), key=len)
+        if len(donor) < 2:
+            break
+        smallest = min(range(len(donor)), key=lambda i: (len(donor[i]), -i))
+        parts.append(donor.pop(smallest))
+    result = {}
+    for name, parts in assigned.items():
+        split = sorted((ex for cluster in parts for ex in cluster), key=lambda ex: ex.id)
+        rng.shuffle(split)
+        result[name] = split
+    return result
+
+
+def old_main_label(cluster: list[Example]) -> str:
+    if len(cluster) == 1:
+        return cluster[0].label or ""
+    tally: dict[str, int] = {}
+    for ex in cluster:
+        tally[ex.label or ""] = tally.get(ex.label or "", 0) + 1
+    return min(tally, key=lambda label: (-tally[label], label))
+
+
 def texts_with_near_duplicates(n: int, seed: int = 5) -> list[str]:
     """Texts of 0-40 words; a fifth repeat an earlier one with a word or two changed, at every Jaccard
     from well above to well below 0.8, so verdicts near the threshold are compared too."""
@@ -184,23 +237,31 @@ def examples() -> list[Example]:
             for i, t in enumerate(texts)]
 
 
-def test_splits_unchanged_for_a_seed(examples: list[Example], monkeypatch: pytest.MonkeyPatch) -> None:
-    ratios = {"train": 0.8, "validation": 0.1, "test": 0.1}
-    new = {seed: split_examples(examples, ratios, seed=seed) for seed in (0, 7)}
-    crossing_new = cross_split_duplicates(new[0])
-    monkeypatch.setattr(splits_module, "_clusters", old_clusters)
-    for seed in (0, 7):
-        old = split_examples(examples, ratios, seed=seed)
-        assert {k: [ex.id for ex in v] for k, v in old.items()} == {k: [ex.id for ex in v] for k, v in new[seed].items()}
-    old_index, parts = OldIndex(), new[0]
-    split_of = {}
+@pytest.mark.parametrize("ratios", [{"train": 0.8, "validation": 0.1, "test": 0.1}, {"train": 0.9, "test": 0.1},
+                                    {"train": 0.5, "rare": 0.0004, "test": 0.4996}])
+def test_splits_unchanged_for_a_seed(examples: list[Example], ratios: dict[str, float]) -> None:
+    """The splits are the ones split_examples gave before issue 22 (examples, the old index's clusters), for
+    several seeds, with labels (stratified) and without, and with a split too small for any cluster (filled)."""
+    unlabelled = [replace(ex, label=None) for ex in examples]
+    shuffled = random.Random(1).sample(examples, len(examples))  # the input order does not matter
+    for seed in (0, 7, 123):
+        for rows, stratify in ((examples, True), (shuffled, True), (examples, False), (unlabelled, True)):
+            new = split_examples(rows, ratios, seed=seed, stratify=stratify)
+            old = old_split_examples(rows, ratios, seed=seed, stratify=stratify)
+            assert {k: [ex.id for ex in v] for k, v in new.items()} == {k: [ex.id for ex in v] for k, v in old.items()}
+    assert all(new.values())
+
+
+def test_cross_split_count_unchanged(examples: list[Example]) -> None:
+    parts = split_examples(examples, {"train": 0.8, "validation": 0.1, "test": 0.1})
+    old_index, split_of = OldIndex(), {}
     for name, part in parts.items():
         for ex in part:
             split_of[f"{name}\x00{ex.id}"] = name
             old_index.insert(f"{name}\x00{ex.id}", dedup_text(ex))
     crossing_old = sum(any(split_of[m.key] != name for m in old_index.matches(dedup_text(ex)))
                        for name, part in parts.items() for ex in part)
-    assert crossing_new == (crossing_old, len(examples))
+    assert cross_split_duplicates(parts) == (crossing_old, len(examples))
 
 
 def test_cross_split_count_sees_near_duplicates_planted_across_splits() -> None:
@@ -288,7 +349,7 @@ def old_crossing(splits: dict[str, list[Example]]) -> int:
 
 def test_permutations_and_bands_are_datasketchs() -> None:
     for num_perm, seed in ((128, 1), (64, 7)):
-        assert (filters_module._permutations(num_perm, seed) == MinHash(num_perm=num_perm, seed=seed).permutations).all()
+        assert (minhash_module._permutations(num_perm, seed) == MinHash(num_perm=num_perm, seed=seed).permutations).all()
     for (threshold, num_perm), (b, r) in sketches_module._BANDS.items():
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         assert (lsh.b, lsh.r) == (b, r)
@@ -378,8 +439,25 @@ def test_export_is_the_same_without_stored_minhashes(grown: tuple[Path, int, lis
         conn.close()
     assert _export(nulls, tmp_path / "nulls") == stored  # rows written before migration 8: computed at export
     assert _export(dropped, tmp_path / "dropped") == stored  # a database from before it, opened read-only
-    monkeypatch.setattr(splits_module, "_clusters", old_clusters)  # the old index's clusters: the same splits
-    monkeypatch.setattr(export_module, "cross_split_duplicates", lambda splits, sketches=None: (old_crossing(splits), sum(map(len, splits.values()))))
+    # the old split and cross-split count, on examples over the old index: the same files
+    read, columns = export_module._kept_examples, []
+
+    def kept(store: Store, run_id: int) -> tuple:
+        out = read(store, run_id)
+        columns.append(out[0])
+        return out
+
+    def old_split(ids: list[str], groups: object, labels: object, sketches: object, ratios: dict[str, float], seed: int = 0) -> dict[str, list[int]]:
+        row = {ex_id: i for i, ex_id in enumerate(ids)}
+        return {name: [row[ex.id] for ex in part] for name, part in old_split_examples(list(columns[-1]), ratios, seed=seed).items()}
+
+    def old_cross(rows: dict[str, list[int]], sketches: object) -> tuple[int, int]:
+        splits = {name: [columns[-1].example(i) for i in part] for name, part in rows.items()}
+        return old_crossing(splits), sum(map(len, splits.values()))
+
+    monkeypatch.setattr(export_module, "_kept_examples", kept)
+    monkeypatch.setattr(export_module, "split_rows", old_split)
+    monkeypatch.setattr(export_module, "cross_split_rows", old_cross)
     assert _export(dropped, tmp_path / "old") == stored
     assert "test.jsonl" in stored and "0 of " in stored
 

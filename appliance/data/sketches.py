@@ -3,7 +3,7 @@
 near-duplicate pairs among them found per LSH band with numpy.
 
 The values are datasketch's (`MinHash(num_perm=128, seed=1)`, affine32 scheme, over the word 3-shingles
-of `words(text)`; `filters.minhash_values` computes them), and the bands are `MinHashLSH`'s, so the pairs,
+of `words(text)`; `minhash.minhash_values` computes them), and the bands are `MinHashLSH`'s, so the pairs,
 clusters and splits are the ones `NearDuplicateIndex` gives, whichever path made a sketch. Nothing here
 imports datasketch (it imports scipy: 1 s) unless asked for bands it has not got in `_BANDS`.
 """
@@ -11,7 +11,7 @@ imports datasketch (it imports scipy: 1 s) unless asked for bands it has not got
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from operator import attrgetter
 from typing import Any
@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from .examples import Example, dedup_text
-from .filters import Signature, minhash_values, words, words_digest
+from .minhash import Signature, minhash_values, words, words_digest
 
 # The sketch every stored example has: NearDuplicateIndex's defaults. `examples.minhash` holds NUM_PERM
 # little-endian uint32 values (STORED.itemsize * NUM_PERM = 512 bytes); b"" for a text without words.
 NUM_PERM, SEED, SHINGLE = 128, 1, 3
 STORED = np.dtype("<u4")
+ROW_BYTES = NUM_PERM * STORED.itemsize
 _BATCH = 2000  # texts tokenised at a time: only one batch's words are held
 
 # MinHashLSH's (bands, rows per band) for (threshold, num_perm): datasketch finds them by integrating its
@@ -36,10 +37,17 @@ class Sketches:
     """The MinHash values of many texts as one (texts x NUM_PERM) uint32 matrix; a text without words has
     a row of zeros and `has_words` False (it can only be an exact duplicate of another such text)."""
 
-    __slots__ = ("has_words", "values")
+    __slots__ = ("_pairs", "has_words", "values")
 
     def __init__(self, values: np.ndarray, has_words: np.ndarray) -> None:
         self.values, self.has_words = values, has_words
+        self._pairs: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+
+    def pairs(self, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """`near_pairs(self, threshold)`, computed once per threshold (a split and its cross-split count share them)."""
+        if threshold not in self._pairs:
+            self._pairs[threshold] = near_pairs(self, threshold)
+        return self._pairs[threshold]
 
     def __len__(self) -> int:
         return len(self.has_words)
@@ -68,52 +76,51 @@ def sketch_texts(texts: Iterable[str]) -> Sketches:
 
 
 def _usable(blob: bytes | None) -> bool:
-    return blob is not None and len(blob) in (0, NUM_PERM * STORED.itemsize)
+    return blob is not None and len(blob) in (0, ROW_BYTES)
+
+
+def read_sketches(stored: Sequence[bytes | None], text: Callable[[int], str]) -> Sketches:
+    """The sketches of rows whose `examples.minhash` values are `stored`: a usable one is read, a missing one
+    (NULL: a database from before migration 8) is computed with `sketch_texts` from `text(row)`."""
+    if all(stored) and set(map(len, stored)) == {ROW_BYTES}:  # the usual case: every row has one, with words
+        values = np.frombuffer(b"".join(stored), dtype=STORED).reshape(len(stored), NUM_PERM)  # type: ignore[arg-type]
+        return Sketches(values.astype(np.uint32, copy=False), np.ones(len(stored), dtype=bool))
+    read = [i for i, blob in enumerate(stored) if _usable(blob)]
+    missing = sorted(set(range(len(stored))) - set(read))
+    computed = sketch_texts(text(i) for i in missing)
+    values = np.zeros((len(stored), NUM_PERM), dtype=np.uint32)
+    has_words = np.zeros(len(stored), dtype=bool)
+    full = [i for i in read if stored[i]]
+    if full:
+        values[full] = np.frombuffer(b"".join(stored[i] for i in full), dtype=STORED).reshape(len(full), NUM_PERM)  # type: ignore[misc]
+        has_words[full] = True
+    if missing:
+        values[missing], has_words[missing] = computed.values, computed.has_words
+    return Sketches(values, has_words)
 
 
 class ExampleSketches:
-    """The sketches of a set of examples (each over `dedup_text(example)`), by example id: what `export`
-    hands both to `split_examples` and to `cross_split_duplicates`, so each is read or computed once.
+    """The sketches of a set of examples (each over `dedup_text(example)`), by example id: what a task run
+    splits on and stores, and what `split_examples` and `cross_split_duplicates` share when handed one.
 
-    `stored` (aligned with `examples`) are the `examples.minhash` values of their rows: a usable one is
-    read, a missing one (NULL: a database from before migration 8) is computed with `sketch_texts`."""
+    `stored` (aligned with `examples`): the `examples.minhash` values of their rows (`read_sketches`)."""
 
     def __init__(self, examples: Sequence[Example], stored: Sequence[bytes | None] | None = None) -> None:
         stored = stored if stored is not None else [None] * len(examples)
         if len(stored) != len(examples):
             raise ValueError(f"{len(stored)} stored sketches for {len(examples)} examples")
-        self._row = {ex.id: i for i, ex in enumerate(examples)}
-        self._pairs: dict[float, tuple[np.ndarray, np.ndarray]] = {}
-        read = [i for i, blob in enumerate(stored) if _usable(blob)]
-        if len(read) == len(stored) and all(stored):  # the usual case: every row has one, with words
-            values = np.frombuffer(b"".join(stored), dtype=STORED).reshape(len(stored), NUM_PERM)  # type: ignore[arg-type]
-            self.sketches = Sketches(values.astype(np.uint32, copy=False), np.ones(len(stored), dtype=bool))
-            return
-        missing = sorted(set(range(len(stored))) - set(read))
-        computed = sketch_texts(dedup_text(examples[i]) for i in missing)
-        values = np.zeros((len(stored), NUM_PERM), dtype=np.uint32)
-        has_words = np.zeros(len(stored), dtype=bool)
-        full = [i for i in read if stored[i]]
-        if full:
-            values[full] = np.frombuffer(b"".join(stored[i] for i in full), dtype=STORED).reshape(len(full), NUM_PERM)  # type: ignore[misc]
-            has_words[full] = True
-        if missing:
-            values[missing], has_words[missing] = computed.values, computed.has_words
-        self.sketches = Sketches(values, has_words)
+        self._row = dict(zip(map(attrgetter("id"), examples), range(len(examples))))
+        self.sketches = read_sketches(stored, lambda i: dedup_text(examples[i]))
 
     def __len__(self) -> int:
         return len(self.sketches)
 
     def rows(self, examples: Sequence[Example]) -> np.ndarray:
         """The row of each of `examples` (every one of them among those this was made for), by id."""
-        return np.array(list(map(self._row.__getitem__, map(attrgetter("id"), examples))), dtype=np.int64)
+        return np.fromiter(map(self._row.__getitem__, map(attrgetter("id"), examples)), dtype=np.int64, count=len(examples))
 
     def near_pairs(self, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """`near_pairs` of all these examples, as rows; computed once per threshold (the split and its
-        cross-split count share them)."""
-        if threshold not in self._pairs:
-            self._pairs[threshold] = near_pairs(self.sketches, threshold)
-        return self._pairs[threshold]
+        return self.sketches.pairs(threshold)
 
     def blob(self, example_id: str) -> bytes:
         return self.sketches.blob(self._row[example_id])

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from ..engine.types import Completion, SamplingParams
 from ..store import Store, to_json, utcnow
+
+if TYPE_CHECKING:  # annotations only: the engine's types import pydantic, which `export` (reading a summary) does not need
+    from ..engine.types import Completion, SamplingParams
 
 RecipeKind = Literal["synthetic", "annotated", "augmented", "conversation", "preference"]
 RECIPE_KINDS: tuple[str, ...] = get_args(RecipeKind)  # run kinds made from a recipe file (the others: generate, task, eval)

@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.filters import echo_metrics, summarize_echo
 from ..errors import ApplianceError
 from ..store import Store, command_prefix
 from .items import FIDELITY_BASE, ITEM_LIMIT, MAX_TURNS, RECIPE_KINDS, Execution
@@ -64,6 +63,10 @@ def summarize(store: Store, run_id: int) -> RunSummary:
     dropped, reasons = first_failures(store, run_id)
     echo = None
     if run["kind"] == "annotated":
+        # imported here: only an annotated run's summary measures echoes, and the filters import pydantic (40 ms
+        # of every `export`, which reads a summary)
+        from ..data.filters import echo_metrics, summarize_echo
+
         pairs = store.rows("SELECT instruction, output FROM examples WHERE run_id = ? AND instruction != ''", [run_id])
         echo = summarize_echo([echo_metrics(r["instruction"], r["output"]) for r in pairs]) if pairs else None
     skipped = [tuple(m["message"].split(": ", 1)) for m in store.rows(
