@@ -181,3 +181,40 @@ def test_chunks_cover_every_non_whitespace_character_in_order(text: str, max_tok
     chunks = chunk_text(text, max_tokens=max_tokens, min_tokens=min_tokens)
     _assert_well_formed(text, chunks)
     assert "".join("".join(c.text.split()) for c in chunks) == "".join(text.split())
+
+
+def test_chunks_are_cut_per_tokenizer_and_old_ones_adopted_when_they_match(tmp_path: Path, demo_model: Path, smollm2_model: Path) -> None:
+    """The same source and max_tokens on two models' vocabularies give two cuts, each counted in its own tokens
+    and reused by its own model; a cut stored before chunks had a tokenizer (migration 10) is adopted by the model
+    whose cut it is, keeping its ids (generations refer to them), and not by another."""
+    from appliance.engine.llama import Vocab
+    from appliance.recipes.build import ingest_chunks
+    from appliance.recipes.recipe import load_recipe
+    from appliance.store import Store
+
+    recipe = tmp_path / "r.toml"
+    source = Path(__file__).resolve().parent.parent / "recipes" / "sources" / "coriolanus-act1-excerpt.txt"
+    recipe.write_text(f'kind = "annotated"\nmodel = "{demo_model}"\nprompt = "p.md"\nsources = ["{source}"]\n'
+                      "[chunking]\nmax_tokens = 120\nmin_tokens = 30\n")
+    loaded = load_recipe(recipe)
+    store = Store(tmp_path / "a.db")
+
+    def cut(model: Path, key: str) -> list[dict]:
+        with Vocab(model) as vocab:
+            chunks, _ = ingest_chunks(store, loaded, vocab, key)
+            for c in chunks:
+                assert c["n_tokens"] == vocab.count(c["text"])  # counted in this model's tokens
+        return chunks
+
+    def ids(chunks: list[dict]) -> list[int]:
+        return [c["id"] for c in chunks]
+
+    gemma, smol = cut(demo_model, "gemma"), cut(smollm2_model, "smol")
+    assert set(ids(gemma)).isdisjoint(ids(smol)) and [c["n_tokens"] for c in gemma] != [c["n_tokens"] for c in smol]
+    assert ids(cut(demo_model, "gemma")) == ids(gemma) and ids(cut(smollm2_model, "smol")) == ids(smol)  # reused
+    count = store.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    store.conn.execute("UPDATE chunks SET tokenizer = NULL WHERE tokenizer = 'gemma'")  # as migration 10 leaves them
+    assert ids(cut(smollm2_model, "smol-q8")) != ids(gemma)  # another cut: not adopted
+    assert ids(cut(demo_model, "gemma-again")) == ids(gemma)  # its own cut: adopted, the same rows
+    assert store.conn.execute("SELECT count(*) FROM chunks WHERE tokenizer IS NULL").fetchone()[0] == 0
+    assert store.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] == count + len(smol)

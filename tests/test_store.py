@@ -129,3 +129,39 @@ def test_truncated_sqlite_header_is_refused(tmp_path):
         Store(path)
     with pytest.raises(sqlite3.DatabaseError):
         sqlite3.connect(path).execute("SELECT * FROM runs").fetchall()
+
+
+def test_migration_10_rebuilds_chunks_keeping_their_ids_and_references(tmp_path, monkeypatch):
+    """Chunks made before migration 10 keep their ids (generations and examples refer to them) and get no
+    tokenizer; afterwards another tokenizer's chunk of the same source, max_tokens and index can be stored,
+    foreign keys are on again and nothing refers to a missing chunk."""
+    from appliance.store import database
+    from appliance.store.database import Store
+
+    path = tmp_path / "old.db"
+    monkeypatch.setattr(database, "MIGRATIONS", [m for m in MIGRATIONS if m[0] < 10])
+    store = Store(path)
+    conn = store.conn
+    conn.execute("INSERT INTO runs (id, kind, status, requested, started_at) VALUES (1, 'annotated', 'completed', 2, 'now')")
+    conn.execute("INSERT INTO sources (id, path, sha256, n_chars, text, created_at) VALUES (1, 's.txt', 'x', 9, 'some text', 'now')")
+    for i, chunk_id in enumerate((7, 9)):
+        conn.execute('INSERT INTO chunks (id, source_id, chunk_index, max_tokens, start, "end", n_tokens, text) '
+                     "VALUES (?, 1, ?, 100, 0, 4, 1, 'some')", [chunk_id, i])
+        conn.execute("INSERT INTO generations (id, run_id, item_key, item_index, rendered_prompt, output, seed, tokens_in, tokens_out, "
+                     "ms, finish_reason, created_at, chunk_id) VALUES (?, 1, ?, ?, 'p', 'o', 1, 1, 1, 1, 'stop', 'now', ?)",
+                     [chunk_id, f"k{i}", i, chunk_id])
+    store.close()
+    monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
+    store = Store(path)
+    conn = store.conn
+    assert conn.execute("SELECT max(version) FROM _migrations").fetchone()[0] == MIGRATIONS[-1][0]
+    assert conn.execute("SELECT id, tokenizer FROM chunks ORDER BY id").fetchall() == [(7, None), (9, None)]
+    assert conn.execute("SELECT g.id, c.id FROM generations g JOIN chunks c ON c.id = g.chunk_id ORDER BY g.id").fetchall() == [(7, 7), (9, 9)]
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1 and conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.execute('INSERT INTO chunks (source_id, chunk_index, max_tokens, start, "end", n_tokens, text, tokenizer) '
+                 "VALUES (1, 0, 100, 0, 4, 2, 'some', 'another model')")
+    with pytest.raises(sqlite3.IntegrityError):  # the key holds for one tokenizer
+        conn.execute('INSERT INTO chunks (source_id, chunk_index, max_tokens, start, "end", n_tokens, text, tokenizer) '
+                     "VALUES (1, 0, 100, 0, 4, 2, 'some', 'another model')")
+    with pytest.raises(sqlite3.IntegrityError):  # and foreign keys are enforced again
+        conn.execute("DELETE FROM chunks WHERE id = 7")

@@ -3,8 +3,10 @@ combination (synthetic) or chunk (annotated, augmented), fully determined by the
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
+import sqlite3
 from typing import Any
 
 from ..engine.llama import Vocab
@@ -33,12 +35,15 @@ def axis_combinations(axes: dict[str, list[Any]], count: int, seed: int) -> list
     return out[:count]
 
 
-def ingest_chunks(store: Store, loaded: LoadedRecipe, vocab: Vocab) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Read the recipe's sources into the store and cut them into chunks (real model tokens).
-    Returns the chunk rows in source order and the files skipped with their reasons."""
+def ingest_chunks(store: Store, loaded: LoadedRecipe, vocab: Vocab, tokenizer: str) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Read the recipe's sources into the store and cut them into chunks (real model tokens). `tokenizer`
+    names the vocabulary that counts them (the model file's sha256): chunks are reused only for the same
+    source, max_tokens and tokenizer, so another model cuts its own. Returns the chunk rows in source order
+    and the files skipped with their reasons."""
     recipe = loaded.recipe
     docs, skipped = read_sources([loaded.resolve(s) for s in recipe.sources], jsonl_field=recipe.jsonl_field)
     chunks: list[dict[str, Any]] = []
+    columns = ("id", "chunk_index", "text", "start", "end", "n_tokens")
     for doc in docs:
         with store.transaction() as conn:
             row = conn.execute(
@@ -48,18 +53,26 @@ def ingest_chunks(store: Store, loaded: LoadedRecipe, vocab: Vocab) -> tuple[lis
                 "path": doc.path, "record": doc.record, "title": doc.title, "sha256": doc.sha256,
                 "n_chars": doc.n_chars, "text": doc.text, "created_at": utcnow(),
             })
-            existing = conn.execute(
-                'SELECT id, chunk_index, text, start, "end", n_tokens FROM chunks WHERE source_id = ? AND max_tokens = ? ORDER BY chunk_index',
-                [source_id, recipe.chunking.max_tokens],
-            ).fetchall()
+            stored = functools.partial(_stored_chunks, conn, source_id, recipe.chunking.max_tokens)
+            existing = stored(tokenizer)
             if existing:
-                chunks += [dict(zip(("id", "chunk_index", "text", "start", "end", "n_tokens"), r), source_id=source_id) for r in existing]
+                chunks += [dict(zip(columns, r), source_id=source_id) for r in existing]
                 continue
-            for c in chunk_text(doc.text, recipe.chunking.max_tokens, recipe.chunking.min_tokens, vocab.count):
-                row = {"source_id": source_id, "chunk_index": c.index, "max_tokens": recipe.chunking.max_tokens,
-                       "start": c.start, "end": c.end, "n_tokens": c.n_tokens, "text": c.text}
-                chunks.append({**row, "id": insert_row(conn, "chunks", row)})
+            cut = [{"source_id": source_id, "chunk_index": c.index, "max_tokens": recipe.chunking.max_tokens, "start": c.start,
+                    "end": c.end, "n_tokens": c.n_tokens, "text": c.text, "tokenizer": tokenizer}
+                   for c in chunk_text(doc.text, recipe.chunking.max_tokens, recipe.chunking.min_tokens, vocab.count)]
+            legacy = stored(None)  # cut before the key had a tokenizer (migration 10): adopted when they are this cut
+            if legacy and [r[1:] for r in legacy] == [tuple(c[k] for k in columns[1:]) for c in cut]:
+                conn.executemany("UPDATE chunks SET tokenizer = ? WHERE id = ?", [(tokenizer, r[0]) for r in legacy])
+                chunks += [dict(zip(columns, r), source_id=source_id) for r in legacy]
+                continue
+            chunks += [{**c, "id": insert_row(conn, "chunks", c)} for c in cut]
     return chunks, skipped
+
+
+def _stored_chunks(conn: sqlite3.Connection, source_id: int, max_tokens: int, tokenizer: str | None) -> list[tuple[Any, ...]]:
+    return conn.execute('SELECT id, chunk_index, text, start, "end", n_tokens FROM chunks WHERE source_id = ? AND max_tokens = ? '
+                        "AND tokenizer IS ? ORDER BY chunk_index", [source_id, max_tokens, tokenizer]).fetchall()
 
 
 def build_items(loaded: LoadedRecipe, prompt: PromptFile, chunks: list[dict[str, Any]], style: PromptStyle) -> list[Item]:

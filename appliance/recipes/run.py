@@ -25,7 +25,7 @@ from ..events import RunEvents
 from ..prompts.files import PromptFile, check_used, load_prompt, sampling_for
 from ..prompts.schema import load_json_schema
 from ..engine.types import SamplingParams
-from ..models.registry import Registry
+from ..models.registry import ModelRecord, Registry
 from ..runs.items import FIDELITY_BASE, ITEM_LIMIT, RECIPE_KINDS, Execution, Item, merge, pending
 from ..runs.rubric import Rubric, judge_workload, load_rubric
 from ..runs.queries import find_resumable
@@ -93,13 +93,14 @@ def _checked_inputs(loaded: LoadedRecipe, prompt: PromptFile) -> list[fidelity.C
     return checks
 
 
-def _read_chunks(store: Store, loaded: LoadedRecipe, model_path: str, events: RunEvents) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """A recipe's chunks (cut in the model's tokens) and the sources it skipped; nothing for synthetic and preference
-    recipes, or a conversation recipe without sources."""
+def _read_chunks(store: Store, loaded: LoadedRecipe, record: ModelRecord, sha256: str,
+                 events: RunEvents) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """A recipe's chunks (cut in the model's tokens; `sha256`: its file's, which keys them) and the sources it
+    skipped; nothing for synthetic and preference recipes, or a conversation recipe without sources."""
     if loaded.recipe.kind in FROM_AXES or not loaded.recipe.sources:
         return [], []
-    with Vocab(model_path) as vocab:
-        chunks, skipped = ingest_chunks(store, loaded, vocab)
+    with Vocab(record.path) as vocab:
+        chunks, skipped = ingest_chunks(store, loaded, vocab, sha256)
     for path, reason in skipped:
         events.warning(f"skipped source {path}: {reason}")
     if not chunks:
@@ -142,7 +143,7 @@ def run_recipe(
         summary.already_complete = True
         return summary
 
-    chunks, skipped = _read_chunks(store, loaded, record.path, events)
+    chunks, skipped = _read_chunks(store, loaded, record, registry.ensure_sha256(record), events)
     if user_prompt is not None:  # its own rounds, turn by turn (`appliance.recipes.conversation`)
         return conversation.run_conversation(store, registry, loaded, (user_prompt, prompt), record=record, style=style, run_id=run_id,
                                              name=_run_name(loaded), chunks=chunks, skipped=skipped, events=events,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
-from .migrations import MIGRATIONS
+from .migrations import MIGRATIONS, REBUILDS
 from .provenance import run_fields
 
 if TYPE_CHECKING:
@@ -142,12 +142,19 @@ class Store:
         for version, name, apply in MIGRATIONS:
             if version in done:
                 continue
+            if version in REBUILDS:  # outside a transaction, where SQLite honours it
+                self.conn.execute("PRAGMA foreign_keys = OFF")
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 if self.conn.execute("SELECT 1 FROM _migrations WHERE version = ?", [version]).fetchone():
                     self.conn.execute("ROLLBACK")  # another process applied it while we waited
                     continue
                 apply(self.db)
+                if version in REBUILDS:
+                    broken = [r for r in self.conn.execute("PRAGMA foreign_key_check") if r[2] == REBUILDS[version]]
+                    if broken:
+                        raise sqlite3.IntegrityError(f"migration {version} left row {broken[0][1]} of {broken[0][0]} referring "
+                                                     f"to a missing {REBUILDS[version]} row")
                 self.conn.execute(
                     "INSERT INTO _migrations (version, name, applied_at) VALUES (?, ?, ?)", [version, name, utcnow()]
                 )
@@ -155,6 +162,8 @@ class Store:
             except BaseException:
                 rollback(self.conn)
                 raise
+            finally:
+                self.conn.execute("PRAGMA foreign_keys = ON")
 
     def schema_version(self) -> int:
         row = self.conn.execute("SELECT max(version) FROM _migrations").fetchone()

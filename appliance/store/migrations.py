@@ -270,6 +270,38 @@ def _m009_prompts_per_run(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX generations_run_prompt ON generations(run_id, prompt_id)")
 
 
+def _m010_chunks_per_tokenizer(db: sqlite_utils.Database) -> None:
+    # Chunks are cut in a model's tokens but were looked up by (source, max_tokens) alone, so a recipe on another
+    # model with the same max_tokens reused the first model's chunks, sized in the wrong tokens. The key gains
+    # `tokenizer`: the sha256 of the model file whose vocabulary cut the chunk (NULL for chunks cut before this
+    # migration; the first model whose own cut of the source matches them exactly adopts them). SQLite cannot
+    # change a table's UNIQUE constraint in place, so the table is rebuilt with the same ids (generations and
+    # examples refer to them): run with foreign keys off, then checked (REBUILDS; SQLite's documented procedure).
+    db.execute(
+        """
+        CREATE TABLE chunks_new (
+            id INTEGER PRIMARY KEY,
+            source_id INTEGER NOT NULL REFERENCES sources(id),
+            chunk_index INTEGER NOT NULL,
+            max_tokens INTEGER NOT NULL,       -- the chunking setting that produced it
+            start INTEGER NOT NULL,            -- character offsets into the source text
+            "end" INTEGER NOT NULL,
+            n_tokens INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            tokenizer TEXT,                    -- sha256 of the model file that counted its tokens (NULL: cut before migration 10)
+            UNIQUE (source_id, max_tokens, tokenizer, chunk_index)
+        )"""
+    )
+    db.execute('INSERT INTO chunks_new (id, source_id, chunk_index, max_tokens, start, "end", n_tokens, text) '
+               'SELECT id, source_id, chunk_index, max_tokens, start, "end", n_tokens, text FROM chunks')
+    db.execute("DROP TABLE chunks")
+    db.execute("ALTER TABLE chunks_new RENAME TO chunks")
+
+
+# Migrations that rebuild a table other tables refer to, and that table: applied with foreign keys off (a DROP
+# TABLE would otherwise delete the rows they refer to), then no row may refer to a missing row of it at commit.
+REBUILDS = {10: "chunks"}
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "core tables: models, prompts, runs, generations, FTS on outputs", _m001_core),
     (2, "datasets: sources, chunks, verdicts, examples, run events", _m002_datasets),
@@ -280,4 +312,5 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (7, "conversations and preference pairs: example turns, rejected response, judge scores per criterion", _m007_turns_and_pairs),
     (8, "each kept example's MinHash, stored when it is written (export reads it)", _m008_minhash),
     (9, "an index of the prompts each run's generations used (the dataset card's appendix)", _m009_prompts_per_run),
+    (10, "chunks keyed by the tokenizer (model file) that cut them, as well as source and max_tokens", _m010_chunks_per_tokenizer),
 ]
