@@ -150,6 +150,9 @@ def test_migration_10_rebuilds_chunks_keeping_their_ids_and_references(tmp_path,
         conn.execute("INSERT INTO generations (id, run_id, item_key, item_index, rendered_prompt, output, seed, tokens_in, tokens_out, "
                      "ms, finish_reason, created_at, chunk_id) VALUES (?, 1, ?, ?, 'p', 'o', 1, 1, 1, 1, 'stop', 'now', ?)",
                      [chunk_id, f"k{i}", i, chunk_id])
+    conn.execute("PRAGMA foreign_keys = OFF")  # a row broken by hand before the migration (the sqlite3 shell's default)
+    conn.execute("INSERT INTO generations (id, run_id, item_key, item_index, rendered_prompt, output, seed, tokens_in, tokens_out, "
+                 "ms, finish_reason, created_at, chunk_id) VALUES (11, 1, 'k2', 2, 'p', 'o', 1, 1, 1, 1, 'stop', 'now', 555)")
     store.close()
     monkeypatch.setattr(database, "MIGRATIONS", MIGRATIONS)
     store = Store(path)
@@ -157,7 +160,8 @@ def test_migration_10_rebuilds_chunks_keeping_their_ids_and_references(tmp_path,
     assert conn.execute("SELECT max(version) FROM _migrations").fetchone()[0] == MIGRATIONS[-1][0]
     assert conn.execute("SELECT id, tokenizer FROM chunks ORDER BY id").fetchall() == [(7, None), (9, None)]
     assert conn.execute("SELECT g.id, c.id FROM generations g JOIN chunks c ON c.id = g.chunk_id ORDER BY g.id").fetchall() == [(7, 7), (9, 9)]
-    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1 and conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert [tuple(r)[:3] for r in conn.execute("PRAGMA foreign_key_check")] == [("generations", 11, "chunks")]  # as it was, no new one
     conn.execute('INSERT INTO chunks (source_id, chunk_index, max_tokens, start, "end", n_tokens, text, tokenizer) '
                  "VALUES (1, 0, 100, 0, 4, 2, 'some', 'another model')")
     with pytest.raises(sqlite3.IntegrityError):  # the key holds for one tokenizer

@@ -106,6 +106,10 @@ class ExampleColumns:
         return ExampleColumns(*(list(pick(getattr(self, name))) for name in FIELDS))
 
 
+# ExampleColumns is made positionally in FIELDS order: its fields must be Example's, in Example's order.
+assert tuple(f.name for f in fields(ExampleColumns)) == FIELDS, "ExampleColumns' fields are not Example's"
+
+
 SPEAKERS = {"user": "User", "assistant": "Assistant"}  # a conversation's turns as transcript lines
 
 

@@ -108,7 +108,7 @@ def split_rows(
     _check_ratios(ratios)
     order = sorted(range(len(ids)), key=ids.__getitem__)
     if len(set(ids)) != len(ids):
-        raise ExportError(f"example id {Counter(ids).most_common(1)[0][0]!r} appears more than once")
+        raise ExportError(f"example id {Counter(ids[i] for i in order).most_common(1)[0][0]!r} appears more than once")
     rng = random.Random(seed)
     ranks, sizes = _clusters(order, groups, sketches, near_dup_threshold)
     size_of = sizes.tolist()

@@ -93,14 +93,14 @@ def _checked_inputs(loaded: LoadedRecipe, prompt: PromptFile) -> list[fidelity.C
     return checks
 
 
-def _read_chunks(store: Store, loaded: LoadedRecipe, record: ModelRecord, sha256: str,
+def _read_chunks(store: Store, registry: Registry, loaded: LoadedRecipe, record: ModelRecord,
                  events: RunEvents) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """A recipe's chunks (cut in the model's tokens; `sha256`: its file's, which keys them) and the sources it
-    skipped; nothing for synthetic and preference recipes, or a conversation recipe without sources."""
+    """A recipe's chunks (cut in the model's tokens, keyed by its file's sha256) and the sources it skipped;
+    nothing for synthetic and preference recipes, or a conversation recipe without sources."""
     if loaded.recipe.kind in FROM_AXES or not loaded.recipe.sources:
         return [], []
     with Vocab(record.path) as vocab:
-        chunks, skipped = ingest_chunks(store, loaded, vocab, sha256)
+        chunks, skipped = ingest_chunks(store, loaded, vocab, registry.ensure_sha256(record))
     for path, reason in skipped:
         events.warning(f"skipped source {path}: {reason}")
     if not chunks:
@@ -143,7 +143,7 @@ def run_recipe(
         summary.already_complete = True
         return summary
 
-    chunks, skipped = _read_chunks(store, loaded, record, registry.ensure_sha256(record), events)
+    chunks, skipped = _read_chunks(store, registry, loaded, record, events)
     if user_prompt is not None:  # its own rounds, turn by turn (`appliance.recipes.conversation`)
         return conversation.run_conversation(store, registry, loaded, (user_prompt, prompt), record=record, style=style, run_id=run_id,
                                              name=_run_name(loaded), chunks=chunks, skipped=skipped, events=events,

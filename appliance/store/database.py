@@ -12,7 +12,7 @@ import json
 import os
 import shlex
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,28 +142,36 @@ class Store:
         for version, name, apply in MIGRATIONS:
             if version in done:
                 continue
-            if version in REBUILDS:  # outside a transaction, where SQLite honours it
-                self.conn.execute("PRAGMA foreign_keys = OFF")
-            self.conn.execute("BEGIN IMMEDIATE")
             try:
-                if self.conn.execute("SELECT 1 FROM _migrations WHERE version = ?", [version]).fetchone():
-                    self.conn.execute("ROLLBACK")  # another process applied it while we waited
-                    continue
-                apply(self.db)
-                if version in REBUILDS:
-                    broken = [r for r in self.conn.execute("PRAGMA foreign_key_check") if r[2] == REBUILDS[version]]
-                    if broken:
-                        raise sqlite3.IntegrityError(f"migration {version} left row {broken[0][1]} of {broken[0][0]} referring "
-                                                     f"to a missing {REBUILDS[version]} row")
-                self.conn.execute(
-                    "INSERT INTO _migrations (version, name, applied_at) VALUES (?, ?, ?)", [version, name, utcnow()]
-                )
-                self.conn.execute("COMMIT")
-            except BaseException:
-                rollback(self.conn)
-                raise
+                if version in REBUILDS:  # outside a transaction, where SQLite honours it
+                    self.conn.execute("PRAGMA foreign_keys = OFF")
+                self._apply(version, name, apply)
             finally:
                 self.conn.execute("PRAGMA foreign_keys = ON")
+
+    def _apply(self, version: int, name: str, apply: Callable[[sqlite_utils.Database], None]) -> None:
+        """One migration in one transaction; a table rebuild (REBUILDS) may leave no row referring to a missing
+        row of the rebuilt table that did not before (one broken by hand earlier is left as it was)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self.conn.execute("SELECT 1 FROM _migrations WHERE version = ?", [version]).fetchone():
+                self.conn.execute("ROLLBACK")  # another process applied it while we waited
+                return
+            rebuilt = REBUILDS.get(version)
+            before = self._broken_references(rebuilt) if rebuilt else set()
+            apply(self.db)
+            if rebuilt and (broken := sorted(self._broken_references(rebuilt) - before)):
+                raise sqlite3.IntegrityError(f"migration {version} left row {broken[0][1]} of {broken[0][0]} referring to a missing "
+                                             f"{rebuilt} row")
+            self.conn.execute("INSERT INTO _migrations (version, name, applied_at) VALUES (?, ?, ?)", [version, name, utcnow()])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            rollback(self.conn)
+            raise
+
+    def _broken_references(self, table: str) -> set[tuple[Any, ...]]:
+        """(table, rowid, parent, key) of each row whose foreign key names a missing row of `table`."""
+        return {tuple(r) for r in self.conn.execute("PRAGMA foreign_key_check") if r[2] == table}
 
     def schema_version(self) -> int:
         row = self.conn.execute("SELECT max(version) FROM _migrations").fetchone()
