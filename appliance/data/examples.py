@@ -161,11 +161,7 @@ _encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(..., ensure_
 
 def record_line(example: Example, fmt: str) -> str:
     """`to_record(example, fmt)` as one line of JSON (`json.dumps(..., ensure_ascii=False)`'s bytes exactly)."""
-    check_format(fmt)
-    single = _single_turn_line(fmt)
-    if single is None or example.messages:
-        return _encode(to_record(example, fmt))
-    return single(example.instruction, example.input, example.output, example.system)
+    return next(_lines([example], fmt))
 
 
 def _single_turn_line(fmt: str) -> Callable[[str, str, str, str | None], str] | None:
@@ -197,10 +193,14 @@ _BATCH_LINES = 4096  # lines joined into one write
 
 
 def _lines(examples: Iterable[Example] | ExampleColumns, fmt: str) -> Iterator[str]:
+    """Each example's `record_line`, the format's line maker chosen once."""
+    check_format(fmt)
     single = _single_turn_line(fmt)
-    if isinstance(examples, ExampleColumns) and single is not None and not any(examples.messages):
+    if single is None:
+        return (_encode(to_record(ex, fmt)) for ex in examples)
+    if isinstance(examples, ExampleColumns) and not any(examples.messages):  # straight from the columns
         return map(single, examples.instruction, examples.input, examples.output, examples.system)
-    return (record_line(ex, fmt) for ex in examples)
+    return (_encode(to_record(ex, fmt)) if ex.messages else single(ex.instruction, ex.input, ex.output, ex.system) for ex in examples)
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example] | ExampleColumns, fmt: str) -> int:
