@@ -49,7 +49,7 @@ from ..events import RunEvents
 from ..models.registry import ModelRecord, Registry
 from ..prompts.files import PromptFile, load_prompt, sampling_for
 from ..runs.items import ITEM_LIMIT, MAX_TURNS, Execution, Item, item_seeds, merge
-from ..runs.rubric import judge_workload, load_rubric
+from ..runs.rubric import Rubric, judge_workload
 from ..runs.session import RunSession
 from ..runs.style import PromptStyle
 from ..runs.summary import RunSummary, summarize
@@ -249,9 +249,10 @@ def progress(conv: Conversation, stored: dict[int, dict[str, Any]], f: Filters, 
 
 
 def stored_turns(store: Store, run_id: int) -> dict[int, dict[int, dict[str, Any]]]:
-    """conversation -> position -> its generation (id, output, finish_reason, messages_json)."""
+    """conversation -> position -> its generation (id, output, finish_reason): the columns the rounds and the
+    judge read (not the rendered prompt, which grows with every turn)."""
     out: dict[int, dict[int, dict[str, Any]]] = {}
-    for g in store.rows("SELECT id, item_index, output, finish_reason, messages_json, rendered_prompt FROM generations "
+    for g in store.rows("SELECT id, item_index, output, finish_reason FROM generations "
                         "WHERE run_id = ? AND item_index < ?", [run_id, 2 * MAX_TURNS * ITEM_LIMIT]):
         conversation, p = position(g["item_index"])
         out.setdefault(conversation, {})[p] = g
@@ -336,14 +337,14 @@ def check_user_prompt(store: Store, run_id: int | None, user_prompt: PromptFile)
         raise ResumeError(f"prompt {user_prompt.path} changed since run {run_id}; use --new-run to start over")
 
 
-def run_conversation(store: Store, registry: Registry, loaded: LoadedRecipe, prompts: tuple[PromptFile, PromptFile], *,
+def run_conversation(store: Store, registry: Registry, loaded: LoadedRecipe, prompts: tuple[PromptFile, PromptFile],
+                     rubric: Rubric | None, *,
                      record: ModelRecord, style: PromptStyle, run_id: int | None, name: str, chunks: list[dict[str, Any]],
                      skipped: list[tuple[str, str]], events: RunEvents, n_parallel: int | None = None, cluster: Any = None) -> RunSummary:
-    """Make (or continue) a conversation run: `prompts` is (user_prompt, prompt), side 0 and side 1."""
+    """Make (or continue) a conversation run: `prompts` is (user_prompt, prompt), side 0 and side 1; `rubric`: the
+    recipe's judge, loaded as every recipe kind's is (`run_recipe`)."""
     recipe = loaded.recipe
     check_user_prompt(store, run_id, prompts[0])
-    rubric = load_rubric(recipe.judge, loaded.resolve, registry, record, where=f"recipe {loaded.path}",
-                         chat_template=recipe.chat_template) if recipe.judge else None
     convs = conversations(recipe, prompts, chunks)
     params = (side_params(prompts[0], recipe), side_params(prompts[1], recipe))
     resumed = run_id is not None
@@ -368,7 +369,7 @@ def run_conversation(store: Store, registry: Registry, loaded: LoadedRecipe, pro
         if rubric is not None:  # each kept conversation's last answer, with the turns before it as the instruction
             executions.append(score_candidates(session, rubric, candidates, recipe.seed))
         store_judgement(store, run_id, recipe, candidates)
-        execution = merge([e for e in executions if e is not None])
+        execution = merge(executions)
         session.complete()
         loads = session.loads
     summary = summarize(store, run_id)

@@ -279,7 +279,7 @@ def run_magpie(
         session.complete()
         loads = session.loads
     summary = summarize(store, run_id)
-    summary.execution, summary.model_loads, summary.resumed = merge([e for e in executions if e is not None]), loads, run is not None
+    summary.execution, summary.model_loads, summary.resumed = merge(executions), loads, run is not None
     return summary
 
 

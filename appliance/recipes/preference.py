@@ -139,12 +139,12 @@ def pair(recipe: Recipe, responses: list[Response], scores: dict[int, Verdict], 
                      system=chosen.system, rejected=rejected.output, rejected_generation_id=rejected.generation_id)
 
 
-def run_pairs(session: RunSession, recipe: Recipe, rubric: Rubric, items: list[Item], params: SamplingParams, *,
+def run_pairs(session: RunSession, recipe: Recipe, rubric: Rubric, responses: list[Item], params: SamplingParams, *,
               prompt_id: int | None, grammar: Any, schema: dict | None) -> Execution | None:
-    """Generate the responses the run lacks, score those the judge has not, then store the pairs (the run's
-    verdicts and examples replaced in one transaction)."""
+    """Generate the responses the run lacks (`responses`: `response_items` of the run's items), score those the
+    judge has not, then store the pairs (the run's verdicts and examples replaced in one transaction)."""
     store, run_id = session.store, session.run_id
-    made = session.generate(response_items(recipe, items, params), params, prompt_id=prompt_id, grammar=grammar)
+    made = session.generate(responses, params, prompt_id=prompt_id, grammar=grammar)
     sets = responses_of(recipe, _rows(store, run_id, below=JUDGE_BASE), schema)
     judged = [Judged(r.candidate.generation_id, r.index, r.candidate.instruction, r.candidate.output)
               for item in sorted(sets) for r in sets[item] if r.candidate.kept]
@@ -155,7 +155,7 @@ def run_pairs(session: RunSession, recipe: Recipe, rubric: Rubric, items: list[I
         candidates.append(pair(recipe, sets[item], scores, rubric.config.cutoff))  # first: its verdict is the drop's reason
         candidates += [r.candidate for r in sets[item]]
     store_judgement(store, run_id, recipe, candidates)
-    return merge([made, *([scored] if scored else [])])
+    return merge([made, scored])
 
 
 def _rows(store: Store, run_id: int | None, *, below: int | None) -> list[dict[str, Any]]:

@@ -144,16 +144,16 @@ def run_recipe(
         return summary
 
     chunks, skipped = _read_chunks(store, registry, loaded, record, events)
+    rubric = load_rubric(recipe.judge, loaded.resolve, registry, record, where=f"recipe {loaded.path}",
+                         chat_template=chat_template or recipe.chat_template) if recipe.judge else None
     if user_prompt is not None:  # its own rounds, turn by turn (`appliance.recipes.conversation`)
-        return conversation.run_conversation(store, registry, loaded, (user_prompt, prompt), record=record, style=style, run_id=run_id,
+        return conversation.run_conversation(store, registry, loaded, (user_prompt, prompt), rubric, record=record, style=style, run_id=run_id,
                                              name=_run_name(loaded), chunks=chunks, skipped=skipped, events=events,
                                              n_parallel=n_parallel, cluster=cluster)
     items = build_items(loaded, prompt, chunks, style)
     if len(items) >= ITEM_LIMIT:
         raise ApplianceError(f"recipe {loaded.path} makes {len(items)} items; at most {ITEM_LIMIT - 1} fit one run")
 
-    rubric = load_rubric(recipe.judge, loaded.resolve, registry, record, where=f"recipe {loaded.path}",
-                         chat_template=chat_template or recipe.chat_template) if recipe.judge else None
     resumed = run_id is not None
     with RunSession(store, record, events=events, n_parallel=n_parallel or recipe.parallel, cluster=cluster) as session:
         work = preference.response_items(recipe, items, params) if recipe.kind == "preference" else items
@@ -175,11 +175,11 @@ def run_recipe(
         grammar = schema[1] if schema else None
         if recipe.kind == "preference":
             assert rubric is not None  # the recipe's validation requires a judge
-            execution = preference.run_pairs(session, recipe, rubric, items, params, prompt_id=prompt_id, grammar=grammar,
+            execution = preference.run_pairs(session, recipe, rubric, work, params, prompt_id=prompt_id, grammar=grammar,
                                              schema=schema[0] if schema else None)
         else:
             execution = _generate_and_check(session, checks, items, params, recipe.seed, prompt_id=prompt_id, grammar=grammar)
-            execution = merge([e for e in (execution, _judge_run(session, recipe, chunks, schema, rubric)) if e is not None])
+            execution = merge([execution, _judge_run(session, recipe, chunks, schema, rubric)])
         session.complete()
         loads = session.loads
     summary = summarize(store, run_id)
@@ -197,7 +197,7 @@ def _generate_and_check(session: RunSession, checks: list[fidelity.Check], items
     checked = fidelity.run_checks(session, checks, _finals(store, run_id), seed) if checks else None
     for message in fidelity.uninformative(store, run_id) if checked else []:
         session.event("warning", message)
-    return merge([execution, *retries, *([checked] if checked else [])])
+    return merge([execution, *retries, checked])
 
 
 def _judge_run(session: RunSession, recipe: Recipe, chunks: list[dict[str, Any]], schema: tuple[dict, Any] | None,

@@ -24,6 +24,7 @@ Task runs lay out their rounds and phases in `appliance.tasks.run`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -85,8 +86,9 @@ def pending(store: Store, run_id: int | None, items: list[Item]) -> list[Item]:
     return [it for it in items if it.index not in done]
 
 
-def merge(executions: list[Execution]) -> Execution | None:
-    """Several executions of one run (e.g. its rounds) added up."""
+def merge(executions: Iterable[Execution | None]) -> Execution | None:
+    """Several executions of one run (e.g. its rounds) added up; None (a stage with nothing to do) counts nothing."""
+    executions = [e for e in executions if e is not None]
     if not executions:
         return None
     return Execution(

@@ -341,9 +341,7 @@ def _rubric_scores(session: RunSession, loaded: LoadedTaskSpec, rubric: Rubric, 
                                                          [run_id, JUDGE_BASE])}
     judged = [Judged(a.generation_ids[0], gens[a.generation_ids[0]], loaded.spec.task(a.task).system, a.majority or "", a.input)
               for a in sorted(answers, key=lambda a: a.input_index) if a.generation_ids and _agreed(a, loaded.spec)]
-    scored = run_judge(session, rubric, judged, loaded.spec.seed)
-    if scored is not None:
-        executions.append(scored)
+    executions.append(run_judge(session, rubric, judged, loaded.spec.seed))
     return judge_verdicts(rubric.config, store.rows(
         "SELECT item_index, output, finish_reason, variables_json FROM generations WHERE run_id = ? AND item_index >= ?",
         [run_id, JUDGE_BASE]))

@@ -274,9 +274,9 @@ class _Builder:
     def turns(self) -> None:
         if self.run["kind"] != "conversation":
             return
-        from ..runs.summary import summarize
+        from ..runs.summary import conversation_counts
 
-        counts = summarize(self.store, self.run_id).turns
+        counts, _ = conversation_counts(self.store, self.run)  # the summary's turn counts, without the rest of it
         self.tables.append(("Turns per kept conversation", ["turns", "conversations"], [[str(k), str(n)] for k, n in counts.items()]))
 
     def speed(self) -> None:
